@@ -1,0 +1,565 @@
+"""LoRA²: multi-scale low-rank adaptation, in one file, with torch alone.
+
+Reference: Jia-Chen Zhang, Yu-Jie Xiong, He-Xi Qiu, Dong-Hai Zhu, Chun-Ming Xia, "LoRA²: Multi-Scale Low-Rank
+Approximations for Fine-Tuning Large Language Models", arXiv 2408.06854 (2024); Neurocomputing 650 (2025) 130859.
+It extends AdaLoRA (Zhang et al., ICLR 2023, arXiv 2303.10512), whose equations are cited as "AdaLoRA eq. (n)".
+Equation labels (L1)...(L8) and the tags [paper] / [code] / [ours] refer to SPEC.md, which this file follows section
+by section: the layer (§1), the regularisers (§2), the importance score (§3), the budget and masking (§4), export (§6).
+
+The update of a frozen weight W₀ (d_out × d_in), with s = α / r:
+
+    W = W₀ + s · ΔW,   ΔW = P · diag(λ) · Q,   P = P_outer · P_inner,   Q = Q_inner · Q_outer         (L1)
+
+Two small LoRAs (P_outer·P_inner and Q_inner·Q_outer) whose product is a large one; AdaLoRA's SVD form P Λ Q in the middle.
+
+    factor    shape         init                       authors' name    role
+    Q_outer   k × d_in      orthogonal or N(0, 0.02²)  lora_A           input plane (k-dim subspace of the input)
+    Q_inner   r × k         orthogonal or N(0, 0.02²)  lora_B           right inner factor
+    lambda_   r             0                          lora_E           the r "singular values", pruned
+    P_inner   k × r         orthogonal or N(0, 0.02²)  lora_aa          left inner factor
+    P_outer   d_out × k     orthogonal or N(0, 0.02²)  lora_bb          output plane (k-dim subspace of the output)
+
+r is the number of singular values (the budget that pruning shrinks), k the inner width. rank(ΔW) ≤ min(k, #λ≠0).
+The forward never builds the d_out × d_in matrix ΔW: with M = P_inner·diag(λ)·Q_inner (k × k) it computes
+x ↦ (s·P_outer·M)(Q_outer x), so a step costs what a plain LoRA of rank k costs (SPEC §1, "grouping").
+
+Typical use (the step order of SPEC §4):
+
+    names = inject(model, ["query", "value"], r=8, k=8)
+    pruner = Pruner(model, target_rank=2, total_steps=T, init_warmup=t_i, final_warmup=t_f, mask_interval=10)
+    for step in range(T):
+        loss = task_loss(model, batch) + 0.1 * orthogonal_regularizer(model)    # task + γ·R (L3)
+        loss.backward(); clip_grad_norm_(...); optimizer.step(); scheduler.step()
+        pruner.step(step)                                                       # (L5)–(L8), reads this step's .grad
+        optimizer.zero_grad()
+
+Not supported: layers other than nn.Linear and GPT-2's Conv1D (no nn.Conv2d, nn.Embedding, fused QKV splitting);
+shrinking the stored tensors when λ is pruned (use `to_lora` for that); quantised base weights; changing s as the
+rank falls (AdaLoRA keeps s = α / r fixed, and so do we).
+"""
+import json
+import math
+import os
+import re
+import struct
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INITS = ("orthogonal", "paper")
+SCORED = ("inner", "all")
+
+
+def _is_conv1d(module):
+    """GPT-2's Conv1D: a linear layer whose weight is stored transposed, (d_in, d_out) [ours: no copy is made]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _is_linear(module):
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# §1  The layer (L1, L2)
+
+
+class LoRA2Linear(nn.Module):
+    """A frozen linear layer plus the LoRA² update s · P_outer P_inner diag(λ) Q_inner Q_outer (L1).
+
+    The adapter is kept in fp32 whatever the base's dtype; the output has the base's dtype. Under torch.autocast
+    the adapter's matrix products run in the autocast dtype like every other F.linear.
+    """
+
+    def __init__(self, base, r=8, k=8, alpha=16, dropout=0.0, init="orthogonal"):
+        super().__init__()
+        if not _is_linear(base):
+            raise TypeError(f"LoRA2Linear wraps nn.Linear or GPT-2's Conv1D, got {type(base).__name__}")
+        if not (isinstance(r, int) and r >= 1 and isinstance(k, int) and k >= 1):
+            raise ValueError(f"r and k must be integers >= 1, got r={r!r}, k={k!r}")
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.base = base.requires_grad_(False)
+        self.fan_in_fan_out = _is_conv1d(base)  # Conv1D: weight is (d_in, d_out)
+        w = base.weight
+        self.out_features, self.in_features = (w.shape[1], w.shape[0]) if self.fan_in_fan_out else w.shape
+        self.r, self.k, self.alpha = r, k, alpha
+        self.scaling = alpha / r  # s, fixed by the initial r (SPEC §1)
+        kw = dict(device=w.device, dtype=torch.float32)
+        self.Q_outer = nn.Parameter(torch.empty(k, self.in_features, **kw))  # (k, d_in)    lora_A
+        self.Q_inner = nn.Parameter(torch.empty(r, k, **kw))  # (r, k)                       lora_B
+        self.lambda_ = nn.Parameter(torch.zeros(r, **kw))  # (r,)                            lora_E
+        self.P_inner = nn.Parameter(torch.empty(k, r, **kw))  # (k, r)                       lora_aa
+        self.P_outer = nn.Parameter(torch.empty(self.out_features, k, **kw))  # (d_out, k)   lora_bb
+        self.register_buffer("lambda_mask", torch.ones(r, dtype=torch.bool, device=w.device))  # kept by the pruner
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init="orthogonal"):
+        """(L1) initialisation: λ = 0, so ΔW = 0 and at step 0 only λ receives a gradient (SPEC §1).
+
+        init="paper": the four factors ~ N(0, 0.02²) [code]. init="orthogonal": nn.init.orthogonal_ on each factor,
+        the state the regulariser (L3) aims for; it trains faster in short runs [ours, measured in SPEC §1].
+        """
+        for factor in (self.Q_outer, self.Q_inner, self.P_inner, self.P_outer):
+            if init == "paper":
+                nn.init.normal_(factor, std=0.02)
+            else:
+                nn.init.orthogonal_(factor)
+        self.lambda_.zero_()
+        self.lambda_mask.fill_(True)
+
+    def inner(self):
+        """M = P_inner · diag(λ) · Q_inner, shape (k, k): the middle of ΔW = P_outer · M · Q_outer."""
+        return (self.P_inner * self.lambda_) @ self.Q_inner  # (k, r) ⊙ (r,) @ (r, k) -> (k, k)
+
+    def forward(self, x):  # x: (..., d_in)
+        """(L2) h = W₀x + b + s · P_outer (P_inner (λ ⊙ (Q_inner (Q_outer x)))), evaluated as a rank-k chain."""
+        y = self.base(x)  # (..., d_out), the base's dtype
+        if self.merged:
+            return y
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.Q_outer.dtype)  # adapter arithmetic in fp32 outside autocast
+        B = self.scaling * (self.P_outer @ self.inner())  # (d_out, k) = s · P_outer · M, O(d_out k²)
+        h = F.linear(self.dropout(x), self.Q_outer)  # (..., k) = Q_outer x
+        return y + F.linear(h, B).to(y.dtype)  # (..., d_out) += s · P_outer M Q_outer x
+
+    @torch.no_grad()
+    def delta_weight(self):
+        """s · ΔW = s · P_outer · M · Q_outer (L1), shape (d_out, d_in), fp32. Built only for merge and tests."""
+        return self.scaling * (self.P_outer @ self.inner() @ self.Q_outer)
+
+    @torch.no_grad()
+    def _add_to_base(self, sign):
+        w = self.base.weight
+        delta = self.delta_weight()
+        if self.fan_in_fan_out:
+            delta = delta.T  # Conv1D stores (d_in, d_out)
+        w.copy_((w.float() + sign * delta).to(w.dtype))  # in fp32, cast back to the base's dtype
+
+    def merge(self):
+        """W₀ ← W₀ + s·ΔW in fp32 (SPEC §1). Idempotent; independent of .train()/.eval()."""
+        if not self.merged:
+            self._add_to_base(+1.0)
+            self.merged = True
+
+    def unmerge(self):
+        """W₀ ← W₀ − s·ΔW, undoing merge() up to fp32 rounding of the base weight. Idempotent."""
+        if self.merged:
+            self._add_to_base(-1.0)
+            self.merged = False
+
+    @property
+    def rank(self):
+        """Number of non-zero λ, an upper bound on rank(ΔW) together with k."""
+        return int(torch.count_nonzero(self.lambda_))
+
+    def extra_repr(self):
+        return f"d_in={self.in_features}, d_out={self.out_features}, r={self.r}, k={self.k}, s={self.scaling:g}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Putting layers into a model
+
+
+def lora2_modules(model):
+    """{name: LoRA2Linear} for every adapted layer of `model`, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRA2Linear)}
+
+
+def _matches(name, target):
+    if isinstance(target, re.Pattern):
+        return target.fullmatch(name) is not None
+    return name == target or name.endswith("." + target)
+
+
+def inject(model, targets, r=8, k=8, alpha=16, dropout=0.0, trainable=("classifier", "pooler"), init="orthogonal"):
+    """Replace the matching linear layers of `model` by LoRA2Linear in place; return their names.
+
+    A string target matches a module whose name equals it or ends with "." + it; a compiled regex must fullmatch
+    the name. Only nn.Linear (and GPT-2's Conv1D) modules are replaced. Afterwards only the adapters and the
+    parameters whose name contains an entry of `trainable` (e.g. the classification head) require grad.
+    """
+    targets = [targets] if isinstance(targets, (str, re.Pattern)) else list(targets)
+    if not targets:
+        raise ValueError("inject: no targets given")
+    existing = lora2_modules(model)
+    chosen = []
+    for name, module in model.named_modules():
+        if not any(_matches(name, t) for t in targets):
+            continue
+        if name in existing or name.rpartition(".")[0] in existing:
+            raise ValueError(f"inject: {name!r} is already adapted by LoRA2Linear (no double injection)")
+        if _is_linear(module):
+            chosen.append(name)
+    if not chosen:
+        layers = sorted({re.sub(r"\.\d+\.", ".{i}.", n) for n, m in model.named_modules()
+                         if _is_linear(m) and n.rpartition(".")[0] not in existing})
+        raise ValueError(f"inject: no linear layer matches {targets}; the model's linear layers are: {layers}")
+    for name in chosen:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, LoRA2Linear(getattr(parent, attr), r=r, k=k, alpha=alpha, dropout=dropout, init=init))
+    for pname, p in model.named_parameters():
+        p.requires_grad_(any(t in pname for t in trainable))
+    for m in lora2_modules(model).values():
+        m.requires_grad_(True)
+        m.base.requires_grad_(False)  # W₀ stays frozen even if a `trainable` entry matches its name
+    return chosen
+
+
+def count_parameters(model):
+    """(trainable, total) numbers of parameters; shared tensors are counted once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# §2  Orthogonality regularisers (L3, L4)
+
+
+def _gram_deviation(factor):
+    """‖G(F) − I‖²_F with G(F) the Gram matrix on F's smaller dimension, so the target is reachable (L3)."""
+    gram = factor.T @ factor if factor.shape[0] >= factor.shape[1] else factor @ factor.T
+    return (gram - torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)).pow(2).sum()
+
+
+def orthogonal_regularizer(model, cross=0.0):
+    """mean over layers of R_int (L3), plus `cross` × mean over square layers of R_ext = ‖Q_outer P_outer‖²_F (L4).
+
+    R_int = Σ_F ‖G(F) − I‖²_F over F ∈ {P_outer, P_inner, Q_inner, Q_outer}. With r ≤ k, R_int = 0 gives PᵀP = I_r and
+    QQᵀ = I_r, AdaLoRA's constraint (AdaLoRA eq. 4). Add γ times this to the task loss; keep it out of forward.
+    """
+    layers = list(lora2_modules(model).values())
+    if not layers:
+        raise ValueError("orthogonal_regularizer: the model has no LoRA2Linear layer (call inject first)")
+    r_int = torch.stack([sum(_gram_deviation(f) for f in (m.P_outer, m.P_inner, m.Q_inner, m.Q_outer)) for m in layers])
+    total = r_int.mean()
+    square = [m for m in layers if m.in_features == m.out_features]
+    if cross and square:
+        r_ext = torch.stack([(m.Q_outer @ m.P_outer).pow(2).sum() for m in square])  # (k, d) @ (d, k): plane overlap
+        total = total + cross * r_ext.mean()
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# §3, §4  Importance scores (L5, L6), budget schedule and masking (L7, L8)
+
+
+class Pruner:
+    """AdaLoRA's budget allocation with LoRA²'s cheap importance score (L5)–(L8).
+
+    Scores are kept only for λ, P_inner and Q_inner (2kr + r entries a layer, SPEC §3); scored="all" also scores the
+    outer factors, AdaLoRA-style, which adds a per-layer constant to every triplet of that layer [ours, an ablation].
+    Layers of the same shapes are scored together as stacked tensors, so a step costs a few dozen kernel launches
+    whatever the number of layers, and never waits for the device (no .item(), no data-dependent Python branch).
+
+    Call .step(global_step) after optimizer.step() and before zero_grad() (SPEC §4).
+    """
+
+    def __init__(self, model, target_rank, total_steps, init_warmup, final_warmup, mask_interval,
+                 beta1=0.85, beta2=0.85, target_total=None, scored="inner"):
+        self.modules = lora2_modules(model)
+        if not self.modules:
+            raise ValueError("Pruner: the model has no LoRA2Linear layer (call inject first)")
+        ints = dict(target_rank=target_rank, total_steps=total_steps, init_warmup=init_warmup,
+                    final_warmup=final_warmup, mask_interval=mask_interval)
+        for key, value in ints.items():
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"Pruner: {key} must be an integer >= 0, got {value!r}")
+        if total_steps <= init_warmup + final_warmup:
+            raise ValueError(f"Pruner: total_steps (T={total_steps}) must exceed init_warmup + final_warmup "
+                             f"(t_i + t_f = {init_warmup} + {final_warmup} = {init_warmup + final_warmup})")
+        max_r = min(m.r for m in self.modules.values())
+        if target_rank > max_r:
+            raise ValueError(f"Pruner: target_rank={target_rank} exceeds r={max_r}, the smallest r of the layers")
+        if mask_interval < 1:
+            raise ValueError(f"Pruner: mask_interval must be >= 1, got {mask_interval}")
+        for key, beta in (("beta1", beta1), ("beta2", beta2)):
+            if not 0.0 < beta < 1.0:
+                raise ValueError(f"Pruner: {key} must be in (0, 1), got {beta!r}")
+        if scored not in SCORED:
+            raise ValueError(f"Pruner: scored must be one of {SCORED}, got {scored!r}")
+        self.b0 = sum(m.r for m in self.modules.values())  # n·r singular values at start
+        self.bT = len(self.modules) * target_rank if target_total is None else target_total
+        if not (isinstance(self.bT, int) and 0 <= self.bT <= self.b0):
+            raise ValueError(f"Pruner: target_total must be an integer in [0, {self.b0}] (b₀ = Σ r), got {self.bT!r}")
+        self.T, self.t_i, self.t_f, self.mask_interval = total_steps, init_warmup, final_warmup, mask_interval
+        self.beta1, self.beta2, self.scored = beta1, beta2, scored
+        self.kinds = ("lambda_", "P_inner", "Q_inner") + (("P_outer", "Q_outer") if scored == "all" else ())
+        # Layers with equal (d_out, d_in, r, k) form a group; their scores are stacked: (n_group, *factor shape).
+        self.groups = {}
+        for name, m in self.modules.items():
+            self.groups.setdefault((m.out_features, m.in_features, m.r, m.k), []).append(name)
+        device = next(iter(self.modules.values())).lambda_.device
+        self.ipt = {}  # (group, kind) -> [Ī, Ū], each (n_group, *shape)
+        for key, names in self.groups.items():
+            for kind in self.kinds:
+                shape = (len(names),) + getattr(self.modules[names[0]], kind).shape
+                self.ipt[key, kind] = [torch.zeros(shape, device=device), torch.zeros(shape, device=device)]
+        self.mask = torch.ones(self.b0, dtype=torch.bool, device=device)  # kept λ, in group order
+        self.final_fixed = False  # the final phase's pattern has been set and is re-applied every step
+        self.last_step = None
+        self._forwards = 0
+        self._hook = model.register_forward_pre_hook(self._check_called)
+
+    def _check_called(self, model, args):
+        """A pruner never stepped silently leaves an unpruned factorised LoRA (SPEC §4): warn once."""
+        if model.training and self.last_step is None:
+            self._forwards += 1
+            if self._forwards == 100:
+                warnings.warn("Pruner.step(global_step) has not been called in 100 training forwards: nothing is "
+                              "scored or pruned. Call it after optimizer.step(), before zero_grad().", stacklevel=2)
+
+    def budget(self, t):
+        """b(t), the number of λ kept after step t (L7; AdaLoRA eq. 14 with its typo fixed)."""
+        if t <= self.t_i:
+            return self.b0
+        if t > self.T - self.t_f:
+            return self.bT
+        progress = (t - self.t_i) / (self.T - self.t_f - self.t_i)
+        return int(math.floor(self.bT + (self.b0 - self.bT) * (1 - progress) ** 3))
+
+    @torch.no_grad()
+    def _update_scores(self):
+        """(L5) I = |w · ∂L/∂w|; Ī ← β₁Ī + (1−β₁)I; Ū ← β₂Ū + (1−β₂)|I − Ī| (AdaLoRA eqs. 10–12)."""
+        for key, names in self.groups.items():
+            for kind in self.kinds:
+                params = [getattr(self.modules[n], kind) for n in names]
+                rows = [i for i, p in enumerate(params) if p.grad is not None]  # no gradient: skipped, not a crash
+                if not rows:
+                    continue
+                w = torch.stack([params[i].detach() for i in rows])  # (n_rows, *shape)
+                g = torch.stack([params[i].grad for i in rows])
+                sensitivity = (w * g).abs_()  # I
+                ibar, ubar = self.ipt[key, kind]
+                if len(rows) < len(params):
+                    index = torch.tensor(rows, device=w.device)
+                    ibar_rows, ubar_rows = ibar[index], ubar[index]
+                    self._ema(ibar_rows, ubar_rows, sensitivity)
+                    ibar[index], ubar[index] = ibar_rows, ubar_rows
+                else:
+                    self._ema(ibar, ubar, sensitivity)
+
+    def _ema(self, ibar, ubar, sensitivity):
+        ibar.lerp_(sensitivity, 1 - self.beta1)  # Ī = β₁Ī + (1−β₁)I
+        ubar.lerp_((sensitivity - ibar).abs_(), 1 - self.beta2)  # Ū = β₂Ū + (1−β₂)|I − Ī|
+
+    @torch.no_grad()
+    def triplet_scores(self):
+        """(L6) S_i = s(λ_i) + (1/k) Σ_j s(P_inner[j, i]) + (1/k) Σ_j s(Q_inner[i, j]), s = Ī · Ū (AdaLoRA eq. 13).
+
+        Returns one vector of b₀ scores, layers in group order (the order of `self.mask`).
+        """
+        scores = []
+        for key in self.groups:
+            s = {kind: self.ipt[key, kind][0] * self.ipt[key, kind][1] for kind in self.kinds}
+            S = s["lambda_"] + s["P_inner"].mean(1) + s["Q_inner"].mean(2)  # (n, r)
+            if self.scored == "all":  # outer factors are shared by all r triplets of a layer: a per-layer constant
+                S = S + (s["P_outer"].mean((1, 2)) + s["Q_outer"].mean((1, 2)))[:, None]
+            scores.append(S.flatten())
+        return torch.cat(scores)
+
+    @torch.no_grad()
+    def _set_mask(self, budget):
+        """(L8) keep exactly the `budget` largest S_i over all layers (ties broken by position, never over-pruned)."""
+        order = torch.argsort(self.triplet_scores(), descending=True, stable=True)
+        self.mask = torch.zeros_like(self.mask)
+        self.mask[order[:budget]] = True
+
+    @torch.no_grad()
+    def _apply_mask(self):
+        """λ_i ← 0 for every λ_i outside the kept set; the kept set is stored in each layer's lambda_mask."""
+        lambdas, kept, start = [], [], 0
+        for names in self.groups.values():
+            for name in names:
+                m = self.modules[name]
+                lambdas.append(m.lambda_)
+                kept.append(self.mask[start:start + m.r])
+                start += m.r
+        torch._foreach_copy_([self.modules[n].lambda_mask for names in self.groups.values() for n in names], kept)
+        torch._foreach_mul_(lambdas, kept)
+
+    def step(self, global_step):
+        """One pruner step: score (L5) while t ≤ T − t_f; every mask_interval steps in the cubic phase keep the b(t)
+        best triplets (L6–L8); in the final phase (t > T − t_f) fix the pattern once and re-apply it every step."""
+        t = global_step
+        if t > self.T - self.t_f:
+            if not self.final_fixed:
+                self._set_mask(self.bT)
+                self.final_fixed = True
+            self._apply_mask()
+        else:
+            self._update_scores()
+            if t > self.t_i and t % self.mask_interval == 0:
+                self._set_mask(self.budget(t))
+                self._apply_mask()
+        self.last_step = t
+
+    @property
+    def rank_pattern(self):
+        """{layer name: [kept λ_i]} as set by the last masking (all True before the first one)."""
+        return {name: m.lambda_mask.tolist() for name, m in self.modules.items()}
+
+    def stats(self):
+        """Entries scored per step, adapter entries, and what AdaLoRA would score for the same layers at the same r."""
+        scored = adapter = adalora = 0
+        for m in self.modules.values():
+            d_in, d_out, r, k = m.in_features, m.out_features, m.r, m.k
+            scored += r + 2 * k * r + (k * (d_in + d_out) if self.scored == "all" else 0)
+            adapter += k * (d_in + d_out) + 2 * k * r + r
+            adalora += r * (d_in + d_out) + r  # AdaLoRA scores all of P (d_out × r), λ and Q (r × d_in)
+        return {"scored": scored, "adapter": adapter, "adalora_scored": adalora, "scored_ratio": scored / adapter}
+
+    def state_dict(self):
+        """Everything needed to resume exactly: EMA scores, kept set, phase and step."""
+        return {"ipt": [[t.clone() for t in pair] for pair in self.ipt.values()], "mask": self.mask.clone(),
+                "final_fixed": self.final_fixed, "last_step": self.last_step, "config": self._config()}
+
+    def load_state_dict(self, state):
+        if state["config"] != self._config():
+            raise ValueError(f"Pruner.load_state_dict: the state was saved for {state['config']}, "
+                             f"this pruner has {self._config()}")
+        for pair, saved in zip(self.ipt.values(), state["ipt"]):
+            for dst, src in zip(pair, saved):
+                dst.copy_(src)
+        self.mask.copy_(state["mask"])
+        self.final_fixed, self.last_step = state["final_fixed"], state["last_step"]
+
+    def _config(self):
+        return dict(layers=list(self.modules), b0=self.b0, bT=self.bT, T=self.T, t_i=self.t_i, t_f=self.t_f,
+                    mask_interval=self.mask_interval, beta1=self.beta1, beta2=self.beta2, scored=self.scored)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Merging, saving, loading
+
+
+def merge(model):
+    """Merge every LoRA2Linear (W₀ ← W₀ + s·ΔW); idempotent."""
+    for m in lora2_modules(model).values():
+        m.merge()
+    return model
+
+
+def unmerge(model):
+    """Undo merge() for every LoRA2Linear; idempotent."""
+    for m in lora2_modules(model).values():
+        m.unmerge()
+    return model
+
+
+def merge_and_unload(model):
+    """Merge every adapter into its base weight and put the plain base layer back in its place."""
+    for name, m in lora2_modules(model).items():
+        m.merge()
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, m.base)
+    return model
+
+
+ADAPTER_KEYS = ("Q_outer", "Q_inner", "lambda_", "P_inner", "P_outer", "lambda_mask")
+
+
+def adapter_state_dict(model):
+    """{"<layer>.<factor>": tensor} for the five factors and the λ mask of every LoRA2Linear; nothing else."""
+    return {f"{name}.{key}": getattr(m, key).detach().clone()
+            for name, m in lora2_modules(model).items() for key in ADAPTER_KEYS}
+
+
+@torch.no_grad()
+def load_adapter_state_dict(model, state):
+    """Load what adapter_state_dict saved. Missing, unexpected or mis-shaped entries raise, naming the layer."""
+    modules = lora2_modules(model)
+    expected = {f"{name}.{key}" for name in modules for key in ADAPTER_KEYS}
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"load_adapter_state_dict: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    for name, m in modules.items():
+        for key in ADAPTER_KEYS:
+            src, dst = state[f"{name}.{key}"], getattr(m, key)
+            if src.shape != dst.shape:
+                raise ValueError(f"load_adapter_state_dict: layer {name!r} {key} has shape {tuple(dst.shape)}, "
+                                 f"the saved one {tuple(src.shape)}")
+            dst.copy_(src)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# §6  Exact export to a plain LoRA
+
+
+@torch.no_grad()
+def to_lora(model):
+    """{layer name: (B, A)} with s·ΔW = B @ A exactly, rank min(k, r') where r' = number of non-zero λ (SPEC §6).
+
+    r' ≤ k: B = s · P_outer · P_inner[:, K] · diag(λ_K) (d_out × r'),  A = Q_inner[K, :] · Q_outer (r' × d_in);
+    else:   B = s · P_outer · M (d_out × k),                           A = Q_outer (k × d_in).
+    """
+    out = {}
+    for name, m in lora2_modules(model).items():
+        K = torch.nonzero(m.lambda_).flatten()  # indices of the kept singular values
+        if len(K) <= m.k:
+            B = m.scaling * (m.P_outer @ (m.P_inner[:, K] * m.lambda_[K]))
+            A = m.Q_inner[K, :] @ m.Q_outer
+        else:
+            B = m.scaling * (m.P_outer @ m.inner())
+            A = m.Q_outer.clone()
+        out[name] = (B, A)
+    return out
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _write_safetensors(tensors, path):
+    """The safetensors format: u64 little-endian header length, a JSON header, then the raw tensor bytes."""
+    header, chunks, offset = {}, [], 0
+    for key, t in tensors.items():
+        data = bytes(t.detach().cpu().clone().untyped_storage())  # little-endian, as the format asks
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # pad the header to 8 bytes, as the reference writer does
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
+    os.replace(tmp, path)
+
+
+def save_peft(model, path, base_model_name_or_path=None):
+    """Write the model's LoRA² layers as a PEFT LoRA adapter (SPEC §6): adapter_model.safetensors + adapter_config.json.
+
+    Each layer keeps its own rank r' through `rank_pattern`; `alpha_pattern` = r' makes PEFT's scaling 1, since s is
+    already inside B. Layers pruned to rank 0 are left out. Returns the {layer: rank} that was written.
+    """
+    os.makedirs(path, exist_ok=True)
+    tensors, ranks = {}, {}
+    for name, (B, A) in to_lora(model).items():
+        if A.shape[0] == 0:
+            continue
+        ranks[name] = A.shape[0]
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()  # (r', d_in)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()  # (d_out, r')
+    if not ranks:
+        raise ValueError("save_peft: every LoRA2Linear is pruned to rank 0 or there are none; nothing to export")
+    fan_in_fan_out = any(m.fan_in_fan_out for m in lora2_modules(model).values())
+    r = max(ranks.values())
+    config = {"peft_type": "LORA", "base_model_name_or_path": base_model_name_or_path, "r": r, "lora_alpha": r,
+              "target_modules": sorted(ranks), "rank_pattern": ranks, "alpha_pattern": dict(ranks),
+              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": fan_in_fan_out, "use_rslora": False,
+              "init_lora_weights": True, "inference_mode": True, "task_type": None, "modules_to_save": None}
+    _write_safetensors(tensors, os.path.join(path, "adapter_model.safetensors"))
+    tmp = os.path.join(path, "adapter_config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(tmp, os.path.join(path, "adapter_config.json"))
+    return ranks

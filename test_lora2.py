@@ -1,0 +1,555 @@
+"""Tests for lora2.py against dense golden references and the identities of SPEC.md (L1)–(L8), §6."""
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lora2
+from lora2 import LoRA2Linear, Pruner
+
+
+class Block(nn.Module):
+    """Two square layers, one wide and one narrow: every shape case of the regularisers."""
+
+    def __init__(self, d=12, hidden=20):
+        super().__init__()
+        self.query = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
+        self.up = nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(self.query(x) + self.value(x))))
+
+
+class Net(nn.Module):
+    def __init__(self, layers=2, d=12, classes=3):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(d) for _ in range(layers))
+        self.classifier = nn.Linear(d, classes)
+
+    def forward(self, x):
+        for block in self.layers:
+            x = block(x)
+        return self.classifier(x.mean(1))
+
+
+def make_net(seed=0, r=4, k=3, **kw):
+    torch.manual_seed(seed)
+    net = Net()
+    lora2.inject(net, ["query", "value", "up", "down"], r=r, k=k, **kw)
+    return net
+
+
+def randomise(net, seed=1):
+    """Give every factor and λ non-trivial values (λ = 0 at init would hide most errors)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora2.lora2_modules(net).values():
+            for p in (m.P_outer, m.P_inner, m.lambda_, m.Q_inner, m.Q_outer):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).float())
+
+
+def dense_delta(m):
+    """s · P_outer P_inner diag(λ) Q_inner Q_outer in float64 (L1): the golden reference."""
+    d = lambda t: t.detach().double()
+    return m.scaling * d(m.P_outer) @ d(m.P_inner) @ torch.diag(d(m.lambda_)) @ d(m.Q_inner) @ d(m.Q_outer)
+
+
+# ---------------------------------------------------------------------------------------------------------------- L1, L2
+
+@pytest.mark.parametrize("d_in,d_out,r,k", [(7, 5, 4, 3), (5, 9, 8, 2), (6, 6, 2, 5), (8, 3, 3, 1), (4, 4, 1, 1)])
+def test_forward_equals_dense_product(d_in, d_out, r, k):
+    torch.manual_seed(0)
+    base = nn.Linear(d_in, d_out)
+    W0, b = base.weight.detach().double().clone(), base.bias.detach().double().clone()
+    layer = LoRA2Linear(base, r=r, k=k, alpha=3.0)
+    randomise(nn.ModuleList([layer]))
+    x = torch.randn(2, 3, d_in)
+    expected = x.double() @ (W0 + dense_delta(layer)).T + b  # x·(W₀ + s·ΔW)ᵀ + b
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.delta_weight().double(), dense_delta(layer), rtol=1e-5, atol=1e-6)
+    assert layer.scaling == 3.0 / r
+
+
+def test_delta_is_zero_at_init_and_only_lambda_gets_gradient_at_step_0():
+    for init in lora2.INITS:
+        torch.manual_seed(0)
+        layer = LoRA2Linear(nn.Linear(6, 5), r=4, k=3, init=init)
+        x = torch.randn(8, 6)
+        assert torch.equal(layer.delta_weight(), torch.zeros(5, 6))
+        assert torch.equal(layer(x), layer.base(x))
+        layer(x).pow(2).sum().backward()
+        assert layer.lambda_.grad.abs().sum() > 0
+        for p in (layer.P_outer, layer.P_inner, layer.Q_inner, layer.Q_outer):
+            assert torch.count_nonzero(p.grad) == 0
+        assert layer.base.weight.grad is None and not layer.base.weight.requires_grad
+
+
+def test_inits():
+    torch.manual_seed(0)
+    orth = LoRA2Linear(nn.Linear(30, 20), r=4, k=6, init="orthogonal")
+    for f in (orth.P_outer, orth.P_inner, orth.Q_inner, orth.Q_outer):
+        small = f.T @ f if f.shape[0] >= f.shape[1] else f @ f.T
+        torch.testing.assert_close(small, torch.eye(small.shape[0]), atol=1e-5, rtol=0)
+    paper = LoRA2Linear(nn.Linear(300, 200), r=8, k=8, init="paper")
+    assert abs(paper.P_outer.std().item() - 0.02) < 0.003 and abs(paper.Q_outer.std().item() - 0.02) < 0.003
+
+
+def test_merge_unmerge_idempotent_and_not_tied_to_eval():
+    net = make_net()
+    randomise(net)
+    x = torch.randn(2, 5, 12)
+    net.eval()
+    before = {n: m.base.weight.clone() for n, m in lora2.lora2_modules(net).items()}
+    y = net(x)
+    lora2.merge(net)
+    assert all(m.merged for m in lora2.lora2_modules(net).values())
+    torch.testing.assert_close(net(x), y, rtol=1e-5, atol=1e-5)
+    once = {n: m.base.weight.clone() for n, m in lora2.lora2_modules(net).items()}
+    lora2.merge(net)  # merging twice changes nothing
+    assert all(torch.equal(m.base.weight, once[n]) for n, m in lora2.lora2_modules(net).items())
+    net.train()
+    net.eval()  # .eval()/.train() neither merge nor unmerge
+    assert all(m.merged for m in lora2.lora2_modules(net).values())
+    lora2.unmerge(net)
+    lora2.unmerge(net)
+    for n, m in lora2.lora2_modules(net).items():
+        torch.testing.assert_close(m.base.weight, before[n], rtol=0, atol=1e-5)  # fp32 rounding of W₀ + sΔW − sΔW
+    torch.testing.assert_close(net(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_equals_adapted_model():
+    net = make_net()
+    randomise(net)
+    x = torch.randn(2, 5, 12)
+    y = net(x)
+    plain = lora2.merge_and_unload(net)
+    assert not lora2.lora2_modules(plain)
+    assert type(plain.layers[0].query) is nn.Linear
+    torch.testing.assert_close(plain(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_on_non_square_layer_uses_the_matrix_product():
+    torch.manual_seed(0)
+    layer = LoRA2Linear(nn.Linear(7, 3), r=2, k=2)
+    randomise(nn.ModuleList([layer]))
+    W0 = layer.base.weight.detach().double().clone()
+    layer.merge()
+    torch.testing.assert_close(layer.base.weight.double(), W0 + dense_delta(layer), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base(dtype):
+    torch.manual_seed(0)
+    ref = LoRA2Linear(nn.Linear(16, 8), r=4, k=4)
+    randomise(nn.ModuleList([ref]), seed=3)
+    half = LoRA2Linear(nn.Linear(16, 8).to(dtype), r=4, k=4)
+    half.load_state_dict(ref.state_dict())  # the base weight is cast to `dtype` by copy_
+    assert half.lambda_.dtype == torch.float32 and half.base.weight.dtype == dtype
+    x = torch.randn(4, 16)
+    y = half(x.to(dtype))
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), ref(x), rtol=0.05, atol=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = ref(x)
+    assert z.dtype == torch.bfloat16 and torch.isfinite(z).all()
+    torch.testing.assert_close(z.float(), ref(x), rtol=0.05, atol=0.1)
+    half.merge()  # merge in fp32, cast back
+    assert half.base.weight.dtype == dtype
+    torch.testing.assert_close(half(x.to(dtype)).float(), ref(x), rtol=0.05, atol=0.1)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from torch.utils.checkpoint import checkpoint
+    grads = []
+    for use_checkpoint in (False, True):
+        net = make_net()
+        randomise(net)
+        x = torch.randn(2, 5, 12)
+        h = x
+        for block in net.layers:
+            h = checkpoint(block, h, use_reentrant=False) if use_checkpoint else block(h)
+        net.classifier(h.mean(1)).sum().backward()
+        grads.append([p.grad.clone() for p in net.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_dropout_only_on_the_adapter_path():
+    torch.manual_seed(0)
+    layer = LoRA2Linear(nn.Linear(6, 4), r=2, k=2, dropout=0.5)
+    x = torch.randn(3, 6)
+    layer.eval()
+    assert torch.equal(layer(x), layer.base(x))  # λ = 0: dropout cannot leak into the base path
+
+
+# ---------------------------------------------------------------------------------------------------------------- inject
+
+def test_inject_matching_freezing_and_errors():
+    torch.manual_seed(0)
+    net = Net()
+    names = lora2.inject(net, ["query", re.compile(r"layers\.1\.up")], r=2, k=2)
+    assert names == ["layers.0.query", "layers.1.query", "layers.1.up"]
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.{f}" for n in names for f in ("Q_outer", "Q_inner", "lambda_", "P_inner", "P_outer")} \
+        | {"classifier.weight", "classifier.bias"}
+    with pytest.raises(ValueError, match=r"'layers\.0\.query' is already adapted by LoRA2Linear"):
+        lora2.inject(net, ["query"])
+    with pytest.raises(ValueError, match=r"no linear layer matches \['attn'\].*layers\.\{i\}\.down"):
+        lora2.inject(net, ["attn"])
+    with pytest.raises(ValueError, match="no targets"):
+        lora2.inject(net, [])
+    with pytest.raises(ValueError, match="no linear layer matches"):
+        lora2.inject(Net(), "ery")  # "ery" is not a whole dotted suffix of "layers.0.query"
+
+
+def test_layer_validation_errors():
+    base = nn.Linear(4, 4)
+    with pytest.raises(TypeError, match="wraps nn.Linear or GPT-2's Conv1D, got Conv2d"):
+        LoRA2Linear(nn.Conv2d(1, 1, 1))
+    with pytest.raises(ValueError, match="r and k must be integers >= 1, got r=0, k=8"):
+        LoRA2Linear(base, r=0)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        LoRA2Linear(base, alpha=0)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        LoRA2Linear(base, dropout=1.0)
+    with pytest.raises(ValueError, match="init must be one of"):
+        LoRA2Linear(base, init="xavier")
+
+
+def test_parameter_count_formula_and_paper_figures():
+    net = make_net(r=4, k=3)
+    per_layer = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in lora2.lora2_modules(net).items()}
+    for n, m in lora2.lora2_modules(net).items():
+        assert per_layer[n] == m.k * (m.in_features + m.out_features) + 2 * m.k * m.r + m.r
+
+    class DebertaV3BaseShapes(nn.Module):  # 12 layers × 6 matrices, on the meta device: shapes without memory
+        def __init__(self):
+            super().__init__()
+            lin = lambda i, o: nn.Linear(i, o, device="meta")
+            self.layer = nn.ModuleList(nn.ModuleDict(dict(
+                query_proj=lin(768, 768), key_proj=lin(768, 768), value_proj=lin(768, 768), attention_output=lin(768, 768),
+                intermediate=lin(768, 3072), output=lin(3072, 768))) for _ in range(12))
+
+    targets = ["query_proj", "key_proj", "value_proj", "attention_output", "intermediate", "output"]
+    for k, expected in ((8, 1_336_896), (1, 167_616)):
+        model = DebertaV3BaseShapes()
+        assert len(lora2.inject(model, targets, r=8, k=k, init="paper")) == 72
+        assert lora2.count_parameters(model)[0] == expected  # SPEC §1: the paper's 0.72 % and 0.17M
+
+
+# ---------------------------------------------------------------------------------------------------------------- L3, L4
+
+def test_orthogonal_regularizer():
+    torch.manual_seed(0)
+    net = make_net(r=2, k=3)  # orthogonal init: every factor has orthonormal rows or columns
+    assert lora2.orthogonal_regularizer(net).item() < 1e-10
+    with torch.no_grad():
+        for m in lora2.lora2_modules(net).values():
+            m.P_outer.mul_(2.0)  # PᵀP = 4I: ‖4I − I‖² = 9·k per layer
+    torch.testing.assert_close(lora2.orthogonal_regularizer(net), torch.tensor(27.0))
+    randomise(net)
+    reg = lora2.orthogonal_regularizer(net, cross=0.5)
+    assert reg > 0
+    reg.backward()
+    for m in lora2.lora2_modules(net).values():
+        for f in (m.P_outer, m.P_inner, m.Q_inner, m.Q_outer):
+            assert f.grad is not None and f.grad.abs().sum() > 0
+        assert m.lambda_.grad is None
+
+
+def test_external_regularizer_only_on_square_layers():
+    torch.manual_seed(0)
+    net = make_net(r=2, k=3)
+    randomise(net)
+    layers = lora2.lora2_modules(net)
+    square = [m for m in layers.values() if m.in_features == m.out_features]
+    assert len(square) == 4 and len(layers) == 8
+    r_int = lora2.orthogonal_regularizer(net)
+    r_ext = torch.stack([(m.Q_outer @ m.P_outer).pow(2).sum() for m in square]).mean()  # (L4) by hand
+    torch.testing.assert_close(lora2.orthogonal_regularizer(net, cross=0.3), r_int + 0.3 * r_ext)
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(4, 6))
+    lora2.inject(wide, "0", r=2, k=2)
+    randomise(wide)
+    assert torch.equal(lora2.orthogonal_regularizer(wide, cross=1.0), lora2.orthogonal_regularizer(wide))
+    with pytest.raises(ValueError, match="no LoRA2Linear layer"):
+        lora2.orthogonal_regularizer(nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------- L5–L8
+
+def expected_budget(t, b0, bT, T, ti, tf):
+    """(L7), written out independently."""
+    if t <= ti:
+        return b0
+    if t > T - tf:
+        return bT
+    return math.floor(bT + (b0 - bT) * (1 - (t - ti) / (T - tf - ti)) ** 3)
+
+
+def test_budget_schedule_L7():
+    net = make_net(r=4, k=3)  # 8 layers: b₀ = 32
+    T, ti, tf = 100, 10, 30
+    pruner = Pruner(net, target_rank=1, total_steps=T, init_warmup=ti, final_warmup=tf, mask_interval=5)
+    assert (pruner.b0, pruner.bT) == (32, 8)
+    for t in (0, ti, ti + 1, (ti + T - tf) // 2, T - tf, T - tf + 1, T):
+        assert pruner.budget(t) == expected_budget(t, 32, 8, T, ti, tf), t
+    assert pruner.budget(ti) == 32 and pruner.budget(ti + 1) == 30 and pruner.budget(T - tf) == 8  # ⌊8 + 24·(59/60)³⌋
+    assert [pruner.budget(t) for t in range(T + 1)] == sorted([pruner.budget(t) for t in range(T + 1)], reverse=True)
+    total = Pruner(net, target_rank=1, total_steps=T, init_warmup=ti, final_warmup=tf, mask_interval=5, target_total=5)
+    assert total.budget(T) == 5
+
+
+def train(net, pruner, steps, seed=0, on_step=None, start=0, opt=None):
+    """A few steps in the order of SPEC §4; returns the optimiser."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = opt or torch.optim.AdamW(params, lr=0.05)
+    for t in range(start, steps):
+        g = torch.Generator().manual_seed(seed * 1000 + t)
+        x = torch.randn(4, 5, 12, generator=g)
+        y = torch.randint(0, 3, (4,), generator=g)
+        loss = F.cross_entropy(net(x), y) + 0.1 * lora2.orthogonal_regularizer(net)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        pruner.step(t)
+        if on_step:
+            on_step(t)
+        opt.zero_grad()
+    return opt
+
+
+def test_masking_keeps_exactly_b_t_and_freezes_in_final_phase():
+    net = make_net(r=4, k=3)
+    T, ti, tf = 40, 4, 12
+    pruner = Pruner(net, target_rank=1, total_steps=T, init_warmup=ti, final_warmup=tf, mask_interval=3)
+    layers = lora2.lora2_modules(net).values()
+    seen = {}
+
+    def check(t):
+        nonzero = sum(m.rank for m in layers)
+        kept = sum(sum(p) for p in pruner.rank_pattern.values())
+        if ti < t <= T - tf and t % 3 == 0:
+            assert nonzero == kept == pruner.budget(t), t
+        if t > T - tf:
+            assert nonzero == kept == pruner.bT, t
+            seen.setdefault("final", pruner.rank_pattern)
+            assert pruner.rank_pattern == seen["final"]  # the pattern never changes in the final phase
+            for m in layers:  # and pruned λ stay exactly zero
+                assert torch.all(m.lambda_[~m.lambda_mask] == 0)
+    train(net, pruner, T + 1, on_step=check)
+    assert "final" in seen
+
+
+def test_ties_never_over_prune():
+    net = make_net(r=4, k=3)
+    pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=0, final_warmup=2, mask_interval=1)
+    with torch.no_grad():
+        for m in lora2.lora2_modules(net).values():
+            m.lambda_.fill_(1.0)
+    pruner._set_mask(13)  # all scores are 0: a kthvalue threshold with <= would prune everything
+    pruner._apply_mask()
+    assert sum(m.rank for m in lora2.lora2_modules(net).values()) == 13
+
+
+def test_target_rank_equal_to_r_keeps_everything():
+    net = make_net(r=4, k=3)
+    randomise(net)
+    pruner = Pruner(net, target_rank=4, total_steps=20, init_warmup=2, final_warmup=5, mask_interval=1)
+    train(net, pruner, 20)
+    assert all(all(p) for p in pruner.rank_pattern.values())
+    assert sum(m.rank for m in lora2.lora2_modules(net).values()) == 32
+
+
+class ReferencePruner:
+    """AdaLoRA's allocator restricted to λ, P_inner, Q_inner, one parameter at a time: a golden reference for (L5)–(L8)."""
+
+    def __init__(self, net, pruner):
+        self.p, self.net = pruner, net
+        self.ibar, self.ubar = {}, {}
+
+    def step(self, t):
+        p, mods = self.p, lora2.lora2_modules(self.net)
+        if t <= p.T - p.t_f:
+            for name, m in mods.items():
+                for kind in ("lambda_", "P_inner", "Q_inner"):
+                    w = getattr(m, kind)
+                    if w.grad is None:
+                        continue
+                    ipt = (w * w.grad).abs().detach()
+                    ib = self.ibar.get((name, kind), torch.zeros_like(w))
+                    ub = self.ubar.get((name, kind), torch.zeros_like(w))
+                    ib = p.beta1 * ib + (1 - p.beta1) * ipt
+                    ub = p.beta2 * ub + (1 - p.beta2) * (ipt - ib).abs()
+                    self.ibar[name, kind], self.ubar[name, kind] = ib, ub
+        mask_now = (p.t_i < t <= p.T - p.t_f and t % p.mask_interval == 0) or (t == p.T - p.t_f + 1)
+        if not mask_now:
+            return None
+        scores = {}
+        for name, m in mods.items():
+            s = {kind: self.ibar[name, kind] * self.ubar[name, kind] for kind in ("lambda_", "P_inner", "Q_inner")}
+            for i in range(m.r):  # (L6), literally
+                scores[name, i] = (s["lambda_"][i] + s["P_inner"][:, i].sum() / m.k + s["Q_inner"][i, :].sum() / m.k).item()
+        budget = expected_budget(t, p.b0, p.bT, p.T, p.t_i, p.t_f)
+        return set(sorted(scores, key=lambda key: -scores[key])[:budget])
+
+
+def test_pruner_matches_per_parameter_reference():
+    net = make_net(r=4, k=3)
+    T, ti, tf = 30, 3, 8
+    pruner = Pruner(net, target_rank=2, total_steps=T, init_warmup=ti, final_warmup=tf, mask_interval=2)
+    ref = ReferencePruner(net, pruner)
+    checked = []
+    real_step = pruner.step
+
+    def both(t):
+        kept = ref.step(t)  # reads the same .grad before the pruner masks λ
+        real_step(t)
+        if kept is not None:
+            got = {(n, i) for n, pattern in pruner.rank_pattern.items() for i, k in enumerate(pattern) if k}
+            assert got == kept, t
+            checked.append(t)
+
+    pruner.step = both
+    train(net, pruner, T)
+    assert len(checked) >= 8
+
+
+def test_sensitivities_only_for_lambda_and_inner_factors():
+    net = make_net(r=4, k=3)
+    pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=1, final_warmup=2, mask_interval=1)
+    assert {kind for _, kind in pruner.ipt} == {"lambda_", "P_inner", "Q_inner"}
+    assert sum(v[0].numel() for v in pruner.ipt.values()) == pruner.stats()["scored"] == 8 * (4 + 2 * 3 * 4)
+    stats = pruner.stats()
+    assert stats["adapter"] == sum(3 * (m.in_features + m.out_features) + 2 * 3 * 4 + 4
+                                   for m in lora2.lora2_modules(net).values())
+    assert stats["adalora_scored"] == sum(4 * (m.in_features + m.out_features) + 4
+                                          for m in lora2.lora2_modules(net).values())
+    every = Pruner(net, target_rank=2, total_steps=10, init_warmup=1, final_warmup=2, mask_interval=1, scored="all")
+    assert {kind for _, kind in every.ipt} == {"lambda_", "P_inner", "Q_inner", "P_outer", "Q_outer"}
+    train(net, every, 3)
+    assert all(v[0].abs().sum() > 0 for v in every.ipt.values())
+
+
+def test_parameter_without_gradient_is_skipped():
+    net = make_net(r=4, k=3)
+    pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=0, final_warmup=2, mask_interval=1)
+    frozen = net.layers[0].query
+    frozen.P_inner.requires_grad_(False)  # never gets a .grad
+    train(net, pruner, 4)
+    key = next(k for k, names in pruner.groups.items() if "layers.0.query" in names)
+    row = pruner.groups[key].index("layers.0.query")
+    assert torch.count_nonzero(pruner.ipt[key, "P_inner"][0][row]) == 0
+    assert torch.count_nonzero(pruner.ipt[key, "Q_inner"][0][row]) > 0
+
+
+def test_pruner_validation_errors():
+    net = make_net(r=4, k=3)
+    ok = dict(target_rank=2, total_steps=10, init_warmup=2, final_warmup=3, mask_interval=1)
+    cases = [
+        (dict(total_steps=5), r"total_steps \(T=5\) must exceed init_warmup \+ final_warmup \(t_i \+ t_f = 2 \+ 3 = 5\)"),
+        (dict(target_rank=5), r"target_rank=5 exceeds r=4"),
+        (dict(target_rank=-1), r"target_rank must be an integer >= 0, got -1"),
+        (dict(mask_interval=0), r"mask_interval must be >= 1, got 0"),
+        (dict(beta1=1.0), r"beta1 must be in \(0, 1\), got 1.0"),
+        (dict(beta2=0.0), r"beta2 must be in \(0, 1\), got 0.0"),
+        (dict(target_total=33), r"target_total must be an integer in \[0, 32\]"),
+        (dict(scored="outer"), r"scored must be one of"),
+        (dict(init_warmup=1.5), r"init_warmup must be an integer >= 0, got 1.5"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            Pruner(net, **{**ok, **change})
+    with pytest.raises(ValueError, match="no LoRA2Linear layer"):
+        Pruner(nn.Linear(3, 3), **ok)
+
+
+def test_warns_when_never_stepped():
+    net = make_net()
+    Pruner(net, target_rank=2, total_steps=10, init_warmup=2, final_warmup=3, mask_interval=1)
+    net.train()
+    with pytest.warns(UserWarning, match="Pruner.step"):
+        for _ in range(100):
+            net(torch.randn(1, 2, 12))
+
+
+# ---------------------------------------------------------------------------------------------------------------- §6, state
+
+def test_to_lora_reproduces_delta_weight():
+    net = make_net(r=4, k=3)
+    randomise(net)
+    mods = list(lora2.lora2_modules(net).values())
+    with torch.no_grad():
+        mods[0].lambda_[[0, 2]] = 0  # r' = 2 ≤ k
+        mods[1].lambda_.zero_()  # r' = 0
+        # mods[2:]: r' = 4 > k = 3
+    for (name, (B, A)), m in zip(lora2.to_lora(net).items(), mods):
+        assert B.shape[1] == A.shape[0] == min(m.k, m.rank)
+        scale = dense_delta(m).abs().max().item() + 1e-30  # fp32 products against a float64 reference
+        torch.testing.assert_close((B.double() @ A.double()), dense_delta(m), rtol=0, atol=1e-6 * scale)
+        torch.testing.assert_close(B @ A, m.delta_weight(), rtol=0, atol=1e-6 * scale)
+
+
+def test_adapter_state_round_trip_including_rank_zero():
+    net = make_net(r=4, k=3)
+    randomise(net)
+    with torch.no_grad():
+        net.layers[0].up.lambda_.zero_()
+        net.layers[0].up.lambda_mask.zero_()
+        net.layers[1].query.lambda_[1:] = 0
+    state = lora2.adapter_state_dict(net)
+    assert all(k.rsplit(".", 1)[1] in lora2.ADAPTER_KEYS for k in state)
+    fresh = make_net(r=4, k=3, seed=5)
+    fresh.classifier.load_state_dict(net.classifier.state_dict())
+    for a, b in zip(fresh.modules(), net.modules()):  # same frozen base weights
+        if isinstance(a, LoRA2Linear):
+            a.base.load_state_dict(b.base.state_dict())
+    lora2.load_adapter_state_dict(fresh, state)
+    x = torch.randn(2, 5, 12)
+    assert torch.equal(fresh(x), net(x))
+    assert fresh.layers[0].up.rank == 0 and fresh.layers[1].query.rank == 1
+    other = make_net(r=2, k=3)
+    with pytest.raises(ValueError, match=r"layer 'layers\.0\.query' Q_inner has shape \(2, 3\), the saved one \(4, 3\)"):
+        lora2.load_adapter_state_dict(other, state)
+    with pytest.raises(ValueError, match="missing"):
+        lora2.load_adapter_state_dict(fresh, {k: v for k, v in state.items() if "down" not in k})
+
+
+def test_resume_is_bit_identical():
+    """Stop after 9 of 24 steps, save adapter + head + optimiser + pruner state, resume in a new model."""
+    T = 24
+    kw = dict(target_rank=1, total_steps=T, init_warmup=3, final_warmup=6, mask_interval=2)
+    net = make_net(r=4, k=3)
+    pruner = Pruner(net, **kw)
+    train(net, pruner, T)
+
+    first = make_net(r=4, k=3)
+    first_pruner = Pruner(first, **kw)
+    opt = train(first, first_pruner, 9)
+    saved = dict(adapter=lora2.adapter_state_dict(first), head=first.classifier.state_dict(),
+                 opt=opt.state_dict(), pruner=first_pruner.state_dict())
+
+    resumed = make_net(r=4, k=3, seed=7)  # different adapter init: everything must come from the state
+    for a, b in zip(resumed.modules(), first.modules()):
+        if isinstance(a, LoRA2Linear):
+            a.base.load_state_dict(b.base.state_dict())
+    lora2.load_adapter_state_dict(resumed, saved["adapter"])
+    resumed.classifier.load_state_dict(saved["head"])
+    resumed_pruner = Pruner(resumed, **kw)
+    resumed_pruner.load_state_dict(saved["pruner"])
+    opt2 = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=0.05)
+    opt2.load_state_dict(saved["opt"])
+    train(resumed, resumed_pruner, T, start=9, opt=opt2)
+
+    assert resumed_pruner.rank_pattern == pruner.rank_pattern
+    for (ka, a), (kb, b) in zip(lora2.adapter_state_dict(resumed).items(), lora2.adapter_state_dict(net).items()):
+        assert ka == kb and torch.equal(a, b), ka
+    for a, b in zip(resumed_pruner.state_dict()["ipt"], pruner.state_dict()["ipt"]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="state was saved for"):
+        Pruner(resumed, **{**kw, "target_rank": 2}).load_state_dict(saved["pruner"])
