@@ -225,10 +225,21 @@ def count_parameters(model):
 # §2  Orthogonality regularisers (L3, L4)
 
 
-def _gram_deviation(factor):
-    """‖G(F) − I‖²_F with G(F) the Gram matrix on F's smaller dimension, so the target is reachable (L3)."""
-    gram = factor.T @ factor if factor.shape[0] >= factor.shape[1] else factor @ factor.T
-    return (gram - torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)).pow(2).sum()
+FACTORS = ("P_outer", "P_inner", "Q_inner", "Q_outer")
+
+
+def shape_groups(modules):
+    """{(d_out, d_in, r, k): [names]}: layers of equal shapes, whose factors can be stacked and handled in one kernel."""
+    groups = {}
+    for name, m in modules.items():
+        groups.setdefault((m.out_features, m.in_features, m.r, m.k), []).append(name)
+    return groups
+
+
+def _gram_deviation(factors):
+    """Σ over a stack (n, a, b) of ‖G(F) − I‖²_F, G(F) the Gram matrix on F's smaller dimension (L3)."""
+    gram = factors.mT @ factors if factors.shape[1] >= factors.shape[2] else factors @ factors.mT  # (n, m, m)
+    return (gram - torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)).pow(2).sum()
 
 
 def orthogonal_regularizer(model, cross=0.0):
@@ -236,16 +247,21 @@ def orthogonal_regularizer(model, cross=0.0):
 
     R_int = Σ_F ‖G(F) − I‖²_F over F ∈ {P_outer, P_inner, Q_inner, Q_outer}. With r ≤ k, R_int = 0 gives PᵀP = I_r and
     QQᵀ = I_r, AdaLoRA's constraint (AdaLoRA eq. 4). Add γ times this to the task loss; keep it out of forward.
+    Layers of equal shapes are stacked, so the cost is a few kernels per shape, not per layer.
     """
-    layers = list(lora2_modules(model).values())
-    if not layers:
+    modules = lora2_modules(model)
+    if not modules:
         raise ValueError("orthogonal_regularizer: the model has no LoRA2Linear layer (call inject first)")
-    r_int = torch.stack([sum(_gram_deviation(f) for f in (m.P_outer, m.P_inner, m.Q_inner, m.Q_outer)) for m in layers])
-    total = r_int.mean()
-    square = [m for m in layers if m.in_features == m.out_features]
-    if cross and square:
-        r_ext = torch.stack([(m.Q_outer @ m.P_outer).pow(2).sum() for m in square])  # (k, d) @ (d, k): plane overlap
-        total = total + cross * r_ext.mean()
+    r_int, r_ext, n_square = 0.0, 0.0, 0
+    for (d_out, d_in, _, _), names in shape_groups(modules).items():
+        stacked = {f: torch.stack([getattr(modules[n], f) for n in names]) for f in FACTORS}  # f: (n, *shape)
+        r_int = r_int + sum(_gram_deviation(stacked[f]) for f in FACTORS)
+        if cross and d_in == d_out:
+            r_ext = r_ext + (stacked["Q_outer"] @ stacked["P_outer"]).pow(2).sum()  # (n, k, d) @ (n, d, k): overlap
+            n_square += len(names)
+    total = r_int / len(modules)
+    if n_square:
+        total = total + cross * r_ext / n_square
     return total
 
 
@@ -294,10 +310,7 @@ class Pruner:
         self.T, self.t_i, self.t_f, self.mask_interval = total_steps, init_warmup, final_warmup, mask_interval
         self.beta1, self.beta2, self.scored = beta1, beta2, scored
         self.kinds = ("lambda_", "P_inner", "Q_inner") + (("P_outer", "Q_outer") if scored == "all" else ())
-        # Layers with equal (d_out, d_in, r, k) form a group; their scores are stacked: (n_group, *factor shape).
-        self.groups = {}
-        for name, m in self.modules.items():
-            self.groups.setdefault((m.out_features, m.in_features, m.r, m.k), []).append(name)
+        self.groups = shape_groups(self.modules)  # scores of equal-shape layers are stacked: (n_group, *factor shape)
         device = next(iter(self.modules.values())).lambda_.device
         self.ipt = {}  # (group, kind) -> [Ī, Ū], each (n_group, *shape)
         for key, names in self.groups.items():
