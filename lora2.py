@@ -528,14 +528,25 @@ def to_lora(model):
     return out
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                       torch.bool: "BOOL"}
 
 
-def _write_safetensors(tensors, path):
-    """The safetensors format: u64 little-endian header length, a JSON header, then the raw tensor bytes."""
-    header, chunks, offset = {}, [], 0
+def _write_safetensors(tensors, path, metadata=None):
+    """The safetensors format: u64 little-endian header length, a JSON header, then the raw tensor bytes.
+
+    The header maps each name to {"dtype", "shape", "data_offsets": [start, end)} in the byte buffer that follows it;
+    the optional "__metadata__" entry holds strings. Tensors are written row-major in the machine's byte order; the
+    format asks for little-endian, which x86-64 and ARM64 are.
+    """
+    header = {"__metadata__": dict(metadata)} if metadata else {}
+    chunks, offset = [], 0
     for key, t in tensors.items():
-        data = bytes(t.detach().cpu().clone().untyped_storage())  # little-endian, as the format asks
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"_write_safetensors: {key!r} has dtype {t.dtype}, not one of {list(_SAFETENSORS_DTYPES)}")
+        t = t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)  # own, compact, row-major storage
+        data = bytes(t.untyped_storage())
         header[key] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
                        "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)
@@ -548,29 +559,53 @@ def _write_safetensors(tensors, path):
     os.replace(tmp, path)
 
 
-def save_peft(model, path, base_model_name_or_path=None):
-    """Write the model's LoRA² layers as a PEFT LoRA adapter (SPEC §6): adapter_model.safetensors + adapter_config.json.
+def save_peft(model, path, base_model_name_or_path=None, modules_to_save=None):
+    """Write the model as a PEFT LoRA adapter in directory `path` (SPEC §6): adapter_model.safetensors and
+    adapter_config.json, for `PeftModel.from_pretrained(base_model, path)` on the untouched base model.
 
-    Each layer keeps its own rank r' through `rank_pattern`; `alpha_pattern` = r' makes PEFT's scaling 1, since s is
-    already inside B. Layers pruned to rank 0 are left out. Returns the {layer: rank} that was written.
+    Each LoRA² layer becomes the exact LoRA (B, A) of `to_lora`, rank r' = min(k, #λ≠0); layers pruned to rank 0 are
+    left out. `rank_pattern` gives each layer its own r', and `alpha_pattern` = r' (with lora_alpha = r) makes PEFT's
+    scaling α/r exactly 1, since s is already inside B. PEFT matches a pattern key as a regex against the end of a
+    module name ("output.dense" would also match "attention.output.dense"), so the keys are escaped full names
+    anchored with "^"; target_modules lists the full names.
+
+    modules_to_save: names of modules written whole, e.g. a trained classification head; PEFT puts them in place of
+    the base model's copies. Default: every module outside the LoRA² layers that holds a parameter requiring grad,
+    i.e. what `inject(..., trainable=...)` unfroze. Pass () to write none. Returns {layer name: r'} of the LoRA layers.
     """
-    os.makedirs(path, exist_ok=True)
+    adapted = lora2_modules(model)
+    modules = dict(model.named_modules())
+    outside = {name for name in modules if not any(name == a or name.startswith(a + ".") for a in adapted)}
+    if modules_to_save is None:
+        modules_to_save = [name for name, m in modules.items()
+                           if name in outside and any(p.requires_grad for p in m.parameters(recurse=False))]
+    modules_to_save = list(modules_to_save)
+    for name in modules_to_save:
+        if not name or name not in outside or any(a.startswith(name + ".") for a in adapted):
+            raise ValueError(f"save_peft: module to save {name!r} must be a named submodule that neither is, holds nor "
+                             f"lies inside a LoRA2Linear layer")
     tensors, ranks = {}, {}
     for name, (B, A) in to_lora(model).items():
         if A.shape[0] == 0:
-            continue
+            continue  # pruned to rank 0: the layer is its base layer
         ranks[name] = A.shape[0]
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()  # (r', d_in)
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()  # (d_out, r')
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A  # (r', d_in)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B  # (d_out, r'), s included
     if not ranks:
-        raise ValueError("save_peft: every LoRA2Linear is pruned to rank 0 or there are none; nothing to export")
-    fan_in_fan_out = any(m.fan_in_fan_out for m in lora2_modules(model).values())
+        raise ValueError(f"save_peft: nothing to export: none of the model's {len(adapted)} LoRA2Linear layers has a "
+                         f"non-zero λ")
+    for name in modules_to_save:
+        for key, t in modules[name].state_dict().items():
+            tensors[f"base_model.model.{name}.{key}"] = t  # PEFT's key for modules_to_save on disk
+    pattern = {"^" + re.escape(name): rank for name, rank in ranks.items()}
     r = max(ranks.values())
-    config = {"peft_type": "LORA", "base_model_name_or_path": base_model_name_or_path, "r": r, "lora_alpha": r,
-              "target_modules": sorted(ranks), "rank_pattern": ranks, "alpha_pattern": dict(ranks),
-              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": fan_in_fan_out, "use_rslora": False,
-              "init_lora_weights": True, "inference_mode": True, "task_type": None, "modules_to_save": None}
-    _write_safetensors(tensors, os.path.join(path, "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+              "r": r, "lora_alpha": r, "target_modules": sorted(ranks), "rank_pattern": pattern,
+              "alpha_pattern": dict(pattern), "modules_to_save": modules_to_save or None, "lora_dropout": 0.0,
+              "bias": "none", "fan_in_fan_out": any(m.fan_in_fan_out for m in adapted.values()),
+              "use_rslora": False, "init_lora_weights": True, "inference_mode": True}
+    os.makedirs(path, exist_ok=True)
+    _write_safetensors(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
     tmp = os.path.join(path, "adapter_config.json.tmp")
     with open(tmp, "w") as f:
         json.dump(config, f, indent=2)
