@@ -274,7 +274,8 @@ class Pruner:
 
     Scores are kept only for λ, P_inner and Q_inner (2kr + r entries a layer, SPEC §3); scored="all" also scores the
     outer factors, AdaLoRA-style, which adds a per-layer constant to every triplet of that layer [ours, an ablation].
-    Layers of the same shapes are scored together as stacked tensors, so a step costs a few dozen kernel launches
+    Layers of the same shapes keep their scores in stacked tensors; the moving averages are updated with one
+    torch._foreach_* call over all scored factors of all layers, so a step costs a few dozen kernel launches
     whatever the number of layers, and never waits for the device (no .item(), no data-dependent Python branch).
 
     Call .step(global_step) after optimizer.step() and before zero_grad() (SPEC §4).
@@ -311,17 +312,29 @@ class Pruner:
         self.beta1, self.beta2, self.scored = beta1, beta2, scored
         self.kinds = ("lambda_", "P_inner", "Q_inner") + (("P_outer", "Q_outer") if scored == "all" else ())
         self.groups = shape_groups(self.modules)  # scores of equal-shape layers are stacked: (n_group, *factor shape)
-        device = next(iter(self.modules.values())).lambda_.device
+        self._ordered = [self.modules[name] for names in self.groups.values() for name in names]  # the mask's order
+        self._ranks = [m.r for m in self._ordered]
+        self._scored = [getattr(self.modules[name], kind) for key, names in self.groups.items()
+                        for kind in self.kinds for name in names]  # one entry per (layer, scored factor)
         self.ipt = {}  # (group, kind) -> [Ī, Ū], each (n_group, *shape)
         for key, names in self.groups.items():
             for kind in self.kinds:
                 shape = (len(names),) + getattr(self.modules[names[0]], kind).shape
-                self.ipt[key, kind] = [torch.zeros(shape, device=device), torch.zeros(shape, device=device)]
-        self.mask = torch.ones(self.b0, dtype=torch.bool, device=device)  # kept λ, in group order
+                self.ipt[key, kind] = [torch.zeros(shape), torch.zeros(shape)]
+        self.mask = torch.ones(self.b0, dtype=torch.bool)  # kept λ, in group order
+        self._to(self._ordered[0].lambda_.device)
         self.final_fixed = False  # the final phase's pattern has been set and is re-applied every step
         self.last_step = None
         self._forwards = 0
         self._hook = model.register_forward_pre_hook(self._check_called)
+
+    def _to(self, device):
+        """Put the scores and the mask on `device`: the pruner follows its layers when the model moves after it was
+        built. _ibar/_ubar are per-(layer, factor) views into the stacks of self.ipt, for the foreach updates."""
+        self.ipt = {key: [t.to(device) for t in pair] for key, pair in self.ipt.items()}
+        self.mask = self.mask.to(device)
+        self._ibar = [row for (key, kind), (ibar, _) in self.ipt.items() for row in ibar]
+        self._ubar = [row for (key, kind), (_, ubar) in self.ipt.items() for row in ubar]
 
     def _check_called(self, model, args):
         """A pruner never stepped silently leaves an unpruned factorised LoRA (SPEC §4): warn once."""
@@ -342,28 +355,19 @@ class Pruner:
 
     @torch.no_grad()
     def _update_scores(self):
-        """(L5) I = |w · ∂L/∂w|; Ī ← β₁Ī + (1−β₁)I; Ū ← β₂Ū + (1−β₂)|I − Ī| (AdaLoRA eqs. 10–12)."""
-        for key, names in self.groups.items():
-            for kind in self.kinds:
-                params = [getattr(self.modules[n], kind) for n in names]
-                rows = [i for i, p in enumerate(params) if p.grad is not None]  # no gradient: skipped, not a crash
-                if not rows:
-                    continue
-                w = torch.stack([params[i].detach() for i in rows])  # (n_rows, *shape)
-                g = torch.stack([params[i].grad for i in rows])
-                sensitivity = (w * g).abs_()  # I
-                ibar, ubar = self.ipt[key, kind]
-                if len(rows) < len(params):
-                    index = torch.tensor(rows, device=w.device)
-                    ibar_rows, ubar_rows = ibar[index], ubar[index]
-                    self._ema(ibar_rows, ubar_rows, sensitivity)
-                    ibar[index], ubar[index] = ibar_rows, ubar_rows
-                else:
-                    self._ema(ibar, ubar, sensitivity)
-
-    def _ema(self, ibar, ubar, sensitivity):
-        ibar.lerp_(sensitivity, 1 - self.beta1)  # Ī = β₁Ī + (1−β₁)I
-        ubar.lerp_((sensitivity - ibar).abs_(), 1 - self.beta2)  # Ū = β₂Ū + (1−β₂)|I − Ī|
+        """(L5) I = |w · ∂L/∂w|; Ī ← β₁Ī + (1−β₁)I; Ū ← β₂Ū + (1−β₂)|I − Ī| (AdaLoRA eqs. 10–12), for every scored
+        factor of every layer at once. A factor without a gradient is skipped, not a crash."""
+        rows = [j for j, p in enumerate(self._scored) if p.grad is not None]
+        if not rows:
+            return
+        params = [self._scored[j] for j in rows]
+        ibar, ubar = [self._ibar[j] for j in rows], [self._ubar[j] for j in rows]
+        sensitivity = torch._foreach_mul(params, [p.grad for p in params])
+        torch._foreach_abs_(sensitivity)  # I
+        torch._foreach_lerp_(ibar, sensitivity, 1 - self.beta1)  # Ī = β₁Ī + (1−β₁)I
+        deviation = torch._foreach_sub(sensitivity, ibar)
+        torch._foreach_abs_(deviation)  # |I − Ī|
+        torch._foreach_lerp_(ubar, deviation, 1 - self.beta2)  # Ū = β₂Ū + (1−β₂)|I − Ī|
 
     @torch.no_grad()
     def triplet_scores(self):
@@ -384,26 +388,21 @@ class Pruner:
     def _set_mask(self, budget):
         """(L8) keep exactly the `budget` largest S_i over all layers (ties broken by position, never over-pruned)."""
         order = torch.argsort(self.triplet_scores(), descending=True, stable=True)
-        self.mask = torch.zeros_like(self.mask)
-        self.mask[order[:budget]] = True
+        self.mask = torch.zeros_like(self.mask).index_fill_(0, order[:budget], True)  # a scalar fill: no host copy
 
     @torch.no_grad()
     def _apply_mask(self):
         """λ_i ← 0 for every λ_i outside the kept set; the kept set is stored in each layer's lambda_mask."""
-        lambdas, kept, start = [], [], 0
-        for names in self.groups.values():
-            for name in names:
-                m = self.modules[name]
-                lambdas.append(m.lambda_)
-                kept.append(self.mask[start:start + m.r])
-                start += m.r
-        torch._foreach_copy_([self.modules[n].lambda_mask for names in self.groups.values() for n in names], kept)
-        torch._foreach_mul_(lambdas, kept)
+        torch._foreach_copy_([m.lambda_mask for m in self._ordered], self.mask.split(self._ranks))
+        keep = self.mask.to(self._ordered[0].lambda_.dtype).split(self._ranks)  # same dtype: one fused launch
+        torch._foreach_mul_([m.lambda_ for m in self._ordered], keep)
 
     def step(self, global_step):
         """One pruner step: score (L5) while t ≤ T − t_f; every mask_interval steps in the cubic phase keep the b(t)
         best triplets (L6–L8); in the final phase (t > T − t_f) fix the pattern once and re-apply it every step."""
         t = global_step
+        if self.mask.device != self._ordered[0].lambda_.device:
+            self._to(self._ordered[0].lambda_.device)
         if t > self.T - self.t_f:
             if not self.final_fixed:
                 self._set_mask(self.bT)

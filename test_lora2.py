@@ -553,3 +553,16 @@ def test_resume_is_bit_identical():
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     with pytest.raises(ValueError, match="state was saved for"):
         Pruner(resumed, **{**kw, "target_rank": 2}).load_state_dict(saved["pruner"])
+
+
+def test_pruner_follows_the_model_to_another_device():
+    """Built before model.to(device) (a common order): its scores and mask move with the layers at the next step."""
+    net = make_net(r=4, k=3)
+    pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=0, final_warmup=2, mask_interval=1)
+    net.to("meta")  # the only other device in a CPU-only run; it has shapes and kernels but no data
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    pruner.step(1)
+    assert pruner.mask.device.type == "meta"
+    assert all(t.device.type == "meta" for pair in pruner.ipt.values() for t in pair)
+    assert all(row.device.type == "meta" for row in pruner._ibar + pruner._ubar)
