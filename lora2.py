@@ -3,8 +3,9 @@
 Reference: Jia-Chen Zhang, Yu-Jie Xiong, He-Xi Qiu, Dong-Hai Zhu, Chun-Ming Xia, "LoRA²: Multi-Scale Low-Rank
 Approximations for Fine-Tuning Large Language Models", arXiv 2408.06854 (2024); Neurocomputing 650 (2025) 130859.
 It extends AdaLoRA (Zhang et al., ICLR 2023, arXiv 2303.10512), whose equations are cited as "AdaLoRA eq. (n)".
-Equation labels (L1)...(L8) and the tags [paper] / [code] / [ours] refer to SPEC.md (beside this file), which it follows section
-by section: the layer (§1), the regularisers (§2), the importance score (§3), the budget and masking (§4), export (§6).
+Equation labels (L1)...(L8) and the tags [paper] / [code] / [ours] refer to SPEC.md (beside this file), which this
+file follows section by section: the layer (§1), regularisers (§2), importance score (§3), budget and masking (§4),
+export (§6).
 
 The update of a frozen weight W₀ (d_out × d_in), with s = α / r:
 
