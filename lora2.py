@@ -275,8 +275,8 @@ class Pruner:
 
     Scores are kept only for λ, P_inner and Q_inner (2kr + r entries a layer, SPEC §3); scored="all" also scores the
     outer factors, AdaLoRA-style, which adds a per-layer constant to every triplet of that layer [ours, an ablation].
-    Layers of the same shapes keep their scores in stacked tensors; the moving averages are updated with one
-    torch._foreach_* call over all scored factors of all layers, so a step costs a few dozen kernel launches
+    Layers of the same shapes keep their scores in stacked tensors; the moving averages are updated by six
+    torch._foreach_* calls over all scored factors of all layers, so a step costs a few dozen kernel launches
     whatever the number of layers, and never waits for the device (no .item(), no data-dependent Python branch).
 
     Call .step(global_step) after optimizer.step() and before zero_grad() (SPEC §4).

@@ -1,6 +1,6 @@
 """Fine-tune a BERT-style encoder on a GLUE task with LoRA² (or LoRA, AdaLoRA, full fine-tuning) in one flat loop.
 
-    python train_glue.py                            # LoRA² on an SST-2 subset, packaged MiniLM, 3.5-5 min on 2 CPU cores
+    python train_glue.py                            # LoRA² on an SST-2 subset, MiniLM, 3.4-4.8 min on 2 CPU cores
     python train_glue.py --task rte --preset paper  # the authors' RTE hyperparameters (SPEC §5), warm-ups as fractions
     torchrun --nproc_per_node=2 train_glue.py       # DDP: gloo on CPU, nccl on GPU; --batch_size is the global batch
 
