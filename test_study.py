@@ -1,4 +1,4 @@
-"""Tests for study.py: the --quick grid end to end on a tiny random BERT and synthetic GLUE files (JSONs, resume,
+"""Tests for experiments/study.py: the --quick grid end to end on a tiny random BERT and synthetic GLUE files (JSONs, resume,
 report rows, a failing run that does not stop the study), the fp16 copy, and the pure helpers (steps, verdicts)."""
 import dataclasses
 import json
@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import bert
-import study
+import lora2
+from experiments import study
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent / "experiments"
 WORDS = "good bad great awful fine poor nice dull movie film plot actor what who is was the a it".split()
 
 
@@ -30,7 +31,7 @@ def tiny(tmp_path_factory):
     (model_dir / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "model_type": "bert"}))
     torch.manual_seed(0)
     state = bert.BertModel(config).state_dict()
-    study.write_safetensors({k: v.numpy() for k, v in state.items()}, model_dir / "model.safetensors")
+    lora2.write_safetensors(state, model_dir / "model.safetensors")
 
     rng = random.Random(0)
 
@@ -117,13 +118,12 @@ def test_failed_runs_are_logged_and_reported(tiny, tmp_path):
 
 def test_fp16_copy_is_the_float16_cast(tmp_path):
     a = np.random.default_rng(0).standard_normal((3, 5)).astype("<f4")
-    ids = np.arange(4, dtype="<i8")
-    study.write_safetensors({"w": a, "ids": ids}, tmp_path / "a.safetensors")
+    lora2.write_safetensors({"w": torch.from_numpy(a), "ids": torch.arange(4)}, tmp_path / "a.safetensors")
     study.to_fp16(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
     back = bert.load_safetensors(tmp_path / "b.safetensors")
     assert back["w"].dtype == torch.float16 and torch.equal(back["w"], torch.from_numpy(a.astype(np.float16)))
     assert torch.equal(back["ids"], torch.arange(4))
-    study.write_safetensors({"big": np.array([1e5], dtype="<f4")}, tmp_path / "big.safetensors")
+    lora2.write_safetensors({"big": torch.tensor([1e5])}, tmp_path / "big.safetensors")
     with pytest.raises(ValueError, match="beyond float16's 65504"):
         study.to_fp16(tmp_path / "big.safetensors", tmp_path / "c.safetensors")
 

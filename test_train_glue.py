@@ -4,14 +4,10 @@ The loop tests use a tiny random BERT (hidden 32, 2 layers) saved as a checkpoin
 so they take seconds; one end-to-end test fine-tunes the packaged MiniLM on real SST-2 from ../shared/glue.
 """
 import dataclasses
-import http.server
-import io
 import json
 import os
 import re
 import socket
-import threading
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +16,7 @@ import torch.multiprocessing as mp
 
 import bert
 import lora2
+import rundir
 import train_glue as tg
 
 GLUE_SHARED = Path(__file__).parent.parent / "shared" / "glue"
@@ -71,140 +68,6 @@ def tiny_config(tiny, tmp_path, **overrides):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# readers
-
-
-FIXTURES = {  # task: (file name, lines, expected first example)
-    "cola": ("dev.tsv", ["gj04\t1\t\tThe sailors rode the breeze clear of the rocks.", "gj04\t0\t*\tHe said \"hi."],
-             ("He said \"hi.", None, 0)),
-    "sst2": ("dev.tsv", ["sentence\tlabel", "it 's a charming journey . \t1"], ("it 's a charming journey . ", None, 1)),
-    "mrpc": ("dev.tsv", ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String", "1\t1355540\t1355592\tHe said \"so.\tHe did."],
-             ("He said \"so.", "He did.", 1)),
-    "qqp": ("dev.tsv", ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate", "5\t11\t12\tWhy \"x\"?\tWhy x?\t1"],
-            ("Why \"x\"?", "Why x?", 1)),
-    "stsb": ("dev.tsv", ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
-                         "0\tmain-captions\tMSRvid\t2012test\t0000\tnone\tnone\tA man.\tA person.\t4.250"],
-             ("A man.", "A person.", 4.25)),
-    "mnli": ("dev_mismatched.tsv",
-             ["index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
-              "sentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label",
-              "0\t63735\t63735n\tslate\t( a )\t( b )\t(ROOT a)\t(ROOT b)\tThe new rights.\tEveryone likes.\tneutral\t"
-              "neutral\tneutral\tneutral\tneutral\tneutral"], ("The new rights.", "Everyone likes.", 2)),
-    "qnli": ("dev.tsv", ["index\tquestion\tsentence\tlabel", "0\tWhat came?\tAs of that day.\tnot_entailment"],
-             ("What came?", "As of that day.", 1)),
-    "rte": ("dev.tsv", ["index\tsentence1\tsentence2\tlabel", "0\tDana died.\tReeve had an accident.\tentailment"],
-            ("Dana died.", "Reeve had an accident.", 0)),
-    "wnli": ("dev.tsv", ["index\tsentence1\tsentence2\tlabel", "0\tThe drain is clogged.\tThe hair.\t0"],
-             ("The drain is clogged.", "The hair.", 0)),
-}
-
-
-@pytest.mark.parametrize("name", sorted(FIXTURES))
-def test_reader_each_format(tmp_path, name):
-    file_name, lines, expected = FIXTURES[name]
-    examples = tg.read_tsv(write(tmp_path / file_name, lines), tg.TASKS[name])
-    assert examples[-1] == expected  # quotes kept verbatim (QUOTE_NONE), BOM stripped, labels mapped to class indices
-
-
-def test_mnli_train_format_and_both_dev_sets(tmp_path):
-    header = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
-              "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label")
-    write(tmp_path / "MNLI" / "train.tsv", [header, "0\t1\t1e\tgov\t(a)\t(b)\t(A)\t(B)\tIt is.\tIt was.\tentailment\tentailment"])
-    for split in ("dev_matched", "dev_mismatched"):
-        write(tmp_path / "MNLI" / f"{split}.tsv", FIXTURES["mnli"][1])
-    train, dev, non_standard = tg.load_task(tg.Config(task="mnli", data_dir=str(tmp_path), no_download=True))
-    assert train == [("It is.", "It was.", 1)] and sorted(dev) == ["dev_matched", "dev_mismatched"] and not non_standard
-
-
-def test_malformed_rows_name_file_and_line(tmp_path):
-    path = write(tmp_path / "dev.tsv", ["sentence\tlabel", "fine \t1", "no tab here"])
-    with pytest.raises(ValueError, match=r"dev\.tsv:3: expected 2 tab-separated columns, found 1"):
-        tg.read_tsv(path, tg.TASKS["sst2"])
-    path = write(tmp_path / "rte.tsv", ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\tentailment", "1\ta\tb\tmaybe"])
-    with pytest.raises(ValueError, match=r"rte\.tsv:3: label 'maybe' is not one of \('entailment', 'not_entailment'\)"):
-        tg.read_tsv(path, tg.TASKS["rte"])
-    path = write(tmp_path / "sts.tsv", [FIXTURES["stsb"][1][0], FIXTURES["stsb"][1][1].replace("4.250", "high")])
-    with pytest.raises(ValueError, match=r"sts\.tsv:2: score 'high' is not a number"):
-        tg.read_tsv(path, tg.TASKS["stsb"])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# fetching
-
-
-@pytest.fixture
-def glue_server(tmp_path):
-    """A local HTTP server (127.0.0.1, free port) serving a synthetic WNLI.zip in the GLUE archive layout."""
-    served = tmp_path / "served"
-    served.mkdir()
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("WNLI/train.tsv", "index\tsentence1\tsentence2\tlabel\n0\tA b.\tA.\t1\n1\tC d.\tD.\t0\n")
-        z.writestr("WNLI/dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\tE f.\tE.\t1\n")
-    (served / "WNLI.zip").write_bytes(buf.getvalue())
-    quiet = type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *a: None})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: quiet(*a, directory=str(served)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-def test_missing_task_is_fetched_from_the_archive(tmp_path, glue_server, monkeypatch, capsys):
-    monkeypatch.setenv("GLUE_BASE_URL", glue_server)
-    data = tmp_path / "data"
-    train, dev, _ = tg.load_task(tg.Config(task="wnli", data_dir=str(data)))
-    assert train == [("A b.", "A.", 1), ("C d.", "D.", 0)] and dev == {"dev": [("E f.", "E.", 1)]}
-    assert sorted(p.name for p in data.iterdir()) == ["WNLI"]  # unzipped aside, renamed into place, nothing left over
-    assert f"fetching {glue_server}/WNLI.zip" in capsys.readouterr().err
-    assert tg.load_task(tg.Config(task="wnli", data_dir=str(data), no_download=True))[0] == train  # now local
-
-
-def test_no_download_and_failed_fetch_say_where_and_how(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError) as e:
-        tg.load_task(tg.Config(task="rte", data_dir=str(tmp_path), no_download=True))
-    assert str(tmp_path / "RTE" / "dev.tsv") in str(e.value) and "--no_download" in str(e.value)
-    with socket.socket() as s:  # a port with nothing behind it
-        s.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("GLUE_BASE_URL", f"http://127.0.0.1:{s.getsockname()[1]}")
-    with pytest.raises(FileNotFoundError, match=r"fetching http://127\.0\.0\.1:\d+/RTE\.zip failed .*Download RTE\.zip"):
-        tg.load_task(tg.Config(task="rte", data_dir=str(tmp_path)))
-    assert list(tmp_path.iterdir()) == []  # no partial download left behind
-
-
-def test_dev_split_is_deterministic_disjoint_and_marked(tmp_path):
-    rows = ["index\tquestion\tsentence\tlabel"] + [f"{i}\tq{i}?\ts{i}.\tentailment" for i in range(20)]
-    write(tmp_path / "QNLI" / "dev.tsv", rows)
-    cfg = tg.Config(task="qnli", data_dir=str(tmp_path), no_download=True)
-    with pytest.raises(FileNotFoundError, match="--dev_split"):
-        tg.load_task(cfg)
-    train, dev, non_standard = tg.load_task(dataclasses.replace(cfg, dev_split=0.25, seed=1))
-    again = tg.load_task(dataclasses.replace(cfg, dev_split=0.25, seed=7))  # independent of --seed
-    assert non_standard and (train, dev) == again[:2]
-    assert len(train) == 15 and len(dev["dev"]) == 5 and not set(train) & set(dev["dev"])
-    assert sorted(train + dev["dev"], key=lambda e: int(e[0][1:-1])) == tg.read_tsv(tmp_path / "QNLI" / "dev.tsv",
-                                                                                     tg.TASKS["qnli"])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# metrics (hand-computed)
-
-
-def test_metrics_against_hand_computed_values():
-    assert tg.accuracy([1, 0, 1, 1], [1, 0, 0, 1]) == 0.75
-    pred, gold = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]  # TP 2, FP 1, FN 1, TN 1
-    assert tg.f1_score(pred, gold) == pytest.approx(4 / 6)
-    assert tg.matthews_corrcoef(pred, gold) == pytest.approx((2 * 1 - 1 * 1) / (3 * 3 * 2 * 2) ** 0.5)
-    assert tg.matthews_corrcoef([1, 1, 1], [1, 0, 1]) == 0.0  # a zero factor in the denominator
-    assert tg.pearson([1, 2, 3], [1, 2, 5]) == pytest.approx(4 / (2 * 78 / 9) ** 0.5)
-    assert tg.average_ranks([3, 1, 3, 2]).tolist() == [3.5, 1.0, 3.5, 2.0]
-    # ranks x = [1, 2.5, 2.5, 4], y = [1, 3, 2, 4]: covariance sum 4.5, squared deviations 4.5 and 5
-    assert tg.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
-    assert tg.task_metrics(tg.TASKS["mrpc"], pred, gold) == {"accuracy": 0.6, "f1": pytest.approx(4 / 6)}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # configuration
 
 
@@ -226,7 +89,7 @@ def test_rank_heatmap_text():
                "bert.encoder.layer.0.output.dense": [True] * 4,
                "bert.encoder.layer.1.attention.self.query": [False] * 4,
                "bert.encoder.layer.1.output.dense": [True, True, False, False]}
-    assert tg.rank_heatmap(pattern, 4) == ("layer  query output\n"
+    assert rundir.rank_heatmap(pattern, 4) == ("layer  query output\n"
                                            "   L0 ░    1 █    4\n"
                                            "   L1      0 ▒    2")
 
@@ -236,7 +99,7 @@ def test_rank_heatmap_text():
 
 
 def adapter_and_head(model):
-    return {**lora2.adapter_state_dict(model), **{n: p for n, p in model.state_dict().items() if tg.is_head(n)}}
+    return {**lora2.adapter_state_dict(model), **rundir.head_state(model)}
 
 
 def test_train_counts_prunes_and_eval_only_reproduces_the_metric(tiny, tmp_path, capsys):
@@ -297,18 +160,26 @@ def test_ddp_two_gloo_processes_keep_identical_masks_and_weights(tiny, tmp_path)
 
 @pytest.mark.parametrize("method", ["lora", "adalora", "full"])
 def test_other_methods_run_and_count_the_same_way(tiny, tmp_path, method):
+    """Each baseline plugs into the same loop: it counts its parameters like LoRA², its weights move, and AdaLoRA's
+    allocator really runs (it prunes 12 × r = 48 singular values to the budget 12 × target_rank = 24)."""
     pytest.importorskip("peft")
-    summary, _ = tg.train(tiny_config(tiny, tmp_path, method=method, steps=8))
+    before = bert.from_pretrained(tiny[0], 2)[0].state_dict()
+    summary, model = tg.train(tiny_config(tiny, tmp_path, method=method, steps=8))
     assert summary["head_params"] == (32 * 32 + 32) + (32 * 2 + 2)
     lora_r4 = 2 * 4 * (4 * (32 + 32) + (32 + 64) + (64 + 32))  # Σ r (d_in + d_out) over the 12 matrices
+    trained = {n.removeprefix("base_model.model."): p for n, p in model.named_parameters() if p.requires_grad}
     if method == "lora":
         assert summary["adapter_params"] == lora_r4
+        lora_B = [p for n, p in trained.items() if ".lora_B." in n]
+        assert len(lora_B) == 12 and all(p.abs().sum() > 0 for p in lora_B)  # B starts at 0: only training moves it
     elif method == "adalora":  # lora_A, lora_B, lora_E: r (d_in + d_out) + r per matrix
         assert summary["adapter_params"] == lora_r4 + 12 * 4
-        assert len(summary["rank_pattern"]) == 12 and summary["kept_singular_values"] <= 12 * 4
+        assert len(summary["rank_pattern"]) == 12 and summary["kept_singular_values"] == 12 * 2
     else:
         assert summary["trainable_params"] == summary["total_params"]
-    assert 0.0 <= summary["main_metric"] <= 1.0
+        word = "bert.embeddings.word_embeddings.weight"
+        assert not torch.equal(trained[word].detach(), before[word])  # the backbone trained
+    assert summary["main_metric"] == summary["metrics"]["accuracy"] and summary["best_step"] in (4, 8)
 
 
 def test_hf_backbone_runs_the_same_loop(tiny, tmp_path):

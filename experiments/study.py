@@ -1,16 +1,16 @@
 """The side-by-side GLUE study: LoRA² against LoRA, AdaLoRA and full fine-tuning; one backbone, one loop.
 
-    python study.py --prepare .device/study --data_dir ../shared/glue   # fp16 backbone + GLUE files for a GPU machine
-    python study.py --device cuda --jobs 16 --steps 200 --model .device/study/model --data_dir .device/study/glue
-                                                          # lr sweep, then the grid, then RESULTS.md + results.png
-    python study.py --report_only                         # rewrite RESULTS.md and results.png from the runs' JSONs
-    python study.py --quick --model DIR --data_dir DIR    # a tiny CPU grid in seconds (CI runs it end to end)
+    python experiments/study.py --prepare .device/study --data_dir ../shared/glue   # fp16 backbone + GLUE files
+    python experiments/study.py --device cuda --jobs 16 --steps 200 --model .device/study/model \
+        --data_dir .device/study/glue                     # lr sweep, then the grid, then RESULTS.md + results.png
+    python experiments/study.py --report_only             # rewrite RESULTS.md and results.png from the runs' JSONs
+    python experiments/study.py --quick --model DIR --data_dir DIR   # a tiny CPU grid in seconds (CI runs it)
 
 Each run is one `train_glue.py` process writing <out>/<run-id>/metrics.json (and its log, log.txt). A run whose
 metrics.json exists is skipped, so an interrupted study resumes; a failed run is logged and reported, never fatal.
 Phases, in order: smoke (with --steps auto: every method on every task for a few steps, which also measures the speed),
 sweep (learning rates per method family on one task, one seed), grid (task × configuration × seed; main methods first,
-then ablations). Standard library + numpy; matplotlib only for the PNG.
+then ablations). Standard library, numpy and the project's modules; matplotlib only for the PNG.
 """
 import argparse
 import hashlib
@@ -28,9 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-HERE = Path(__file__).resolve().parent
-TRAIN_SCRIPT = HERE / "train_glue.py"
+HERE = Path(__file__).resolve().parent  # experiments/: RESULTS.md, results.png, runs/
+ROOT = HERE.parent                       # the repository: train_glue.py, lora2.py, bert.py
+TRAIN_SCRIPT = ROOT / "train_glue.py"
+sys.path.insert(0, str(ROOT))
+import bert  # noqa: E402
+import glue  # noqa: E402
+import lora2  # noqa: E402
+from rundir import fmt_time  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -185,11 +192,7 @@ def grid_runs(plan, steps, lrs):
 # bookkeeping
 
 
-def atomic_write(path, text):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+atomic_write = lora2.atomic_write
 
 
 def read_json(path):
@@ -238,11 +241,6 @@ def hardware():
 # running
 
 
-def fmt_time(seconds):
-    seconds = max(0, int(round(seconds)))
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def run_all(runs, plan, args, out, deadline=None, estimate=None, history=None):
     """Run the runs not finished yet, args.jobs at a time; return {run-id: status} for the ones attempted or skipped
     ("ok", "failed (exit N)", "killed at the time limit", "not started (time limit)").
@@ -271,7 +269,7 @@ def run_all(runs, plan, args, out, deadline=None, estimate=None, history=None):
                 log.flush()
                 gpu = min(range(args.gpus), key=lambda g: sum(1 for v in running.values() if v[3] == g))
                 run_env = dict(env, CUDA_VISIBLE_DEVICES=str(gpu)) if args.gpus > 1 else env
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env, cwd=HERE)
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env, cwd=ROOT)
                 running[proc] = (run, log, time.time(), gpu)
             if deadline is not None and todo and not running:  # nothing left fits before the deadline
                 break
@@ -369,51 +367,16 @@ def choose_steps(plan, speeds, jobs, seconds_left):
 # fp16 copy of a checkpoint (the GPU machine gets at most 64 MiB)
 
 
-def read_safetensors_header(path):
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return n, json.loads(f.read(n))
-
-
-def write_safetensors(tensors, path):
-    """{name: numpy array} -> a .safetensors file (u64 header length, JSON header, raw little-endian bytes)."""
-    dtypes = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<i8"): "I64", np.dtype("<i4"): "I32"}
-    header, chunks, offset = {}, [], 0
-    for name, a in tensors.items():
-        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
-        if a.dtype not in dtypes:
-            raise ValueError(f"{name}: dtype {a.dtype} is not supported by this writer")
-        header[name] = {"dtype": dtypes[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        chunks.append(a.tobytes())
-        offset += a.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    tmp = Path(f"{path}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little") + blob + b"".join(chunks))
-    os.replace(tmp, path)
-
-
 def to_fp16(src, dst):
     """Copy a model.safetensors with every F32 tensor cast to F16 (others unchanged); refuse values out of F16 range."""
-    n, header = read_safetensors_header(src)
-    header.pop("__metadata__", None)
-    np_types = {"F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4"}
-    tensors = {}
-    with open(src, "rb") as f:
-        for name, info in header.items():
-            if info["dtype"] not in np_types:
-                raise ValueError(f"{src}: tensor {name!r} has dtype {info['dtype']}, not one of {sorted(np_types)}")
-            begin, end = info["data_offsets"]
-            f.seek(8 + n + begin)
-            a = np.frombuffer(f.read(end - begin), dtype=np_types[info["dtype"]]).reshape(info["shape"])
-            if info["dtype"] == "F32":
-                biggest = float(np.abs(a).max()) if a.size else 0.0
-                if biggest > 65504:
-                    raise ValueError(f"{src}: tensor {name!r} has |value| {biggest:g}, beyond float16's 65504")
-                a = a.astype("<f2")
-            tensors[name] = a
-    write_safetensors(tensors, dst)
+    tensors = bert.load_safetensors(src)
+    for name, t in tensors.items():
+        if t.dtype == torch.float32:
+            biggest = float(t.abs().max()) if t.numel() else 0.0
+            if biggest > 65504:
+                raise ValueError(f"{src}: tensor {name!r} has |value| {biggest:g}, beyond float16's 65504")
+            tensors[name] = t.half()
+    lora2.write_safetensors(tensors, dst)
 
 
 def prepare(dest, model_dir, data_dir, tasks):
@@ -425,8 +388,7 @@ def prepare(dest, model_dir, data_dir, tasks):
             shutil.copyfile(model_dir / name, dest / "model" / name)
     to_fp16(model_dir / "model.safetensors", dest / "model" / "model.safetensors")
     atomic_write(dest / "model" / "prepared_from.json", json.dumps({"source": str(model_dir.resolve())}) + "\n")
-    dirs = {"cola": "CoLA", "sst2": "SST-2", "rte": "RTE", "qnli": "QNLI", "mrpc": "MRPC", "stsb": "STS-B",
-            "qqp": "QQP", "mnli": "MNLI", "wnli": "WNLI"}
+    dirs = {name: task.dir for name, task in glue.TASKS.items()}
     for task in tasks:
         shutil.copytree(data_dir / dirs[task], dest / "glue" / dirs[task], dirs_exist_ok=True)
     size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
@@ -844,7 +806,7 @@ def main(argv=None):
         plan.tasks = {t: f for t, f in plan.tasks.items() if t in args.tasks.split(",")}
         if plan.sweep_task not in plan.tasks:
             plan.sweep_task = next(iter(plan.tasks))
-    out = Path(args.out or ("runs/study-quick" if args.quick else "runs/study"))
+    out = Path(args.out) if args.out else HERE / "runs" / ("study-quick" if args.quick else "study")
     results_md = Path(args.results) if args.results else (out / "RESULTS.md" if args.quick else HERE / "RESULTS.md")
     png = Path(args.png) if args.png else results_md.with_name("results.png")
     if args.steps is None:
@@ -870,8 +832,9 @@ def main(argv=None):
     state.setdefault("sessions", []).append(session)
     state["jobs"] = args.jobs
     state["model"] = model_info(args.model)
-    session["code"] = {name: hashlib.sha256((HERE / name).read_bytes()).hexdigest()[:12]
-                       for name in ("study.py", "train_glue.py", "lora2.py", "bert.py") if (HERE / name).exists()}
+    session["code"] = {path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+                       for path in (HERE / "study.py", HERE / "baselines.py", *(ROOT / f"{name}.py" for name in
+                                    ("train_glue", "lora2", "bert", "glue", "rundir"))) if path.exists()}
     if args.note:
         state["note"] = args.note
 
@@ -950,12 +913,12 @@ def model_info(model_dir):
     """{"path", "dtypes"} of the backbone's model.safetensors, for the report."""
     path = Path(model_dir) if model_dir else _packaged_model()
     try:
-        _, header = read_safetensors_header(path / "model.safetensors")
+        tensors = bert.load_safetensors(path / "model.safetensors")
     except (OSError, ValueError):
         return {"path": str(path)}
-    header.pop("__metadata__", None)
+    names = {v: k for k, v in bert.SAFETENSORS_DTYPES.items()}
     source = (read_json(path / "prepared_from.json") or {}).get("source")
-    return {"path": str(model_dir or path), "dtypes": sorted({info["dtype"] for info in header.values()}),
+    return {"path": str(model_dir or path), "dtypes": sorted({names[t.dtype] for t in tensors.values()}),
             **({"source": source} if source else {})}
 
 
@@ -966,8 +929,6 @@ def is_fp16(info):
 
 
 def _packaged_model():
-    sys.path.insert(0, str(HERE))
-    import bert
     return bert.default_model_dir(install=False)
 
 

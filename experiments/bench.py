@@ -23,10 +23,10 @@ counts as it would in a model). Memory (CUDA only): torch.cuda.max_memory_alloca
 peak minus what was allocated before the call (activations, gradients, temporaries); for the model, the peak minus
 what was allocated before the variant was built. On the CPU only time is reported (no allocator peak there).
 
-    python bench.py                    # CUDA: model, layer, merged; CPU: layer, merged (the CPU table)
-    python bench.py --device cpu       # the CPU table
-    python bench.py --quick            # smoke run with tiny shapes
-    python bench.py --only model --fused --json out/bench.json --profile out/profile.txt
+    python experiments/bench.py        # CUDA: model, layer, merged; CPU: layer, merged (the CPU table)
+    python experiments/bench.py --device cpu  # the CPU table
+    python experiments/bench.py --quick       # smoke run with tiny shapes
+    python experiments/bench.py --only model --fused --json out/bench.json --profile out/profile.txt
 """
 import argparse
 import copy
@@ -41,12 +41,14 @@ import time
 import traceback
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lora2
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: lora2.py
+import lora2  # noqa: E402
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 SETTINGS = ("model", "layer", "merged")
@@ -742,10 +744,7 @@ def main(argv=None):
 
 def write_atomic(path, text):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    lora2.atomic_write(path, text)
 
 
 if __name__ == "__main__":
