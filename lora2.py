@@ -611,3 +611,43 @@ def save_peft(model, path, base_model_name_or_path=None, modules_to_save=None):
         json.dump(config, f, indent=2)
     os.replace(tmp, os.path.join(path, "adapter_config.json"))
     return ranks
+
+
+# TEMPORARY SHIM (replaced by the lora2-fixes branch)
+HEAD = ("classifier", "pooler")
+
+
+def atomic_write(path, data):
+    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+write_safetensors = _write_safetensors
+
+
+def rank_pattern(model):
+    return {name: m.lambda_mask.tolist() for name, m in lora2_modules(model).items()}
+
+
+_old_count = count_parameters
+
+
+def count_parameters(model, head=HEAD):
+    params = {id(p): (n, p) for n, p in model.named_parameters()}.values()
+    c = {"adapter": 0, "head": 0, "total": 0}
+    for n, p in params:
+        c["total"] += p.numel()
+        if p.requires_grad:
+            c["head" if set(n.split(".")) & set(head) else "adapter"] += p.numel()
+    c["trainable"] = c["adapter"] + c["head"]
+    return c
