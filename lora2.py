@@ -62,6 +62,11 @@ def _is_linear(module):
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
+def _is_int(value):
+    """An int that is not a bool (True would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # §1  The layer (L1, L2)
 
@@ -71,13 +76,32 @@ class LoRA2Linear(nn.Module):
 
     The adapter is kept in fp32 whatever the base's dtype; the output has the base's dtype. Under torch.autocast
     the adapter's matrix products run in the autocast dtype like every other F.linear.
+
+    Merging (SPEC §1). merge() adds s·ΔW to W₀ and keeps the two small factors of what it added, B = s·P_outer·M
+    (d_out × k) and A = Q_outer (k × d_in); unmerge() multiplies the same B and A again and subtracts that. So unmerge()
+    removes exactly what merge() added even when λ or a factor changed in between (a Pruner step, a manual edit), for
+    the memory of one rank-k LoRA rather than a d_out × d_in copy of W₀; W₀ comes back up to the rounding of
+    (W₀ + δ) − δ in the base's dtype. While merged, the layer computes with the adapter as it was at merge(); later
+    changes of the factors take effect at unmerge(). A merged layer refuses what would silently go wrong:
+    - a forward in training mode, with autograd on and a trainable adapter, raises: the adapter is off the autograd
+      path of a merged layer, so training would update nothing. It raises rather than warns because a warning scrolls
+      by in a long log while the whole run is lost; eval-mode and no_grad forwards are untouched.
+    - state_dict() holds W₀ (the merged weight minus the kept δ), never W₀ + s·ΔW: a state_dict of a merged model
+      loads into an unmerged one without counting ΔW twice.
+    - load_state_dict() with any entry of this layer raises: unmerge() first. Loading would replace the weight and the
+      factors under a kept δ that belongs to neither, and refusing is clearer than unmerging behind the caller's back.
+    - merge() raises when the base weight is shared with another parameter (tied embeddings, `tied_to`): adding
+      s·ΔW to a shared tensor would change the other module too (GPT-2's wte when lm_head is merged).
+
+    `name` and `tied_to` (the other parameter names of the base weight) are recorded by inject and merge(model) from
+    the whole model, so that errors can name both modules.
     """
 
     def __init__(self, base, r=8, k=8, alpha=16, dropout=0.0, init="orthogonal"):
         super().__init__()
         if not _is_linear(base):
             raise TypeError(f"LoRA2Linear wraps nn.Linear or GPT-2's Conv1D, got {type(base).__name__}")
-        if not (isinstance(r, int) and r >= 1 and isinstance(k, int) and k >= 1):
+        if not (_is_int(r) and r >= 1 and _is_int(k) and k >= 1):
             raise ValueError(f"r and k must be integers >= 1, got r={r!r}, k={k!r}")
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha!r}")
@@ -99,12 +123,16 @@ class LoRA2Linear(nn.Module):
         self.P_outer = nn.Parameter(torch.empty(self.out_features, k, **kw))  # (d_out, k)   lora_bb
         self.register_buffer("lambda_mask", torch.ones(r, dtype=torch.bool, device=w.device))  # kept by the pruner
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
+        self.name, self.tied_to = None, ()  # set by inject / merge(model)
+        self._merged_delta = None  # (B, A) with s·ΔW = B @ A as added by merge(), or None
+        self.register_state_dict_post_hook(LoRA2Linear._state_dict_holds_W0)
+        self.register_load_state_dict_pre_hook(LoRA2Linear._refuse_load_while_merged)
         self.reset_parameters(init)
 
     @torch.no_grad()
     def reset_parameters(self, init="orthogonal"):
-        """(L1) initialisation: λ = 0, so ΔW = 0 and at step 0 only λ receives a gradient (SPEC §1).
+        """(L1) initialisation: λ = 0, so ΔW = 0, and at step 0 the task loss gives a gradient to λ only (the four
+        factors' task gradients are multiplied by λ = 0); the regulariser (L3) still pulls on the four factors.
 
         init="paper": the four factors ~ N(0, 0.02²) [code]. init="orthogonal": nn.init.orthogonal_ on each factor,
         the state the regulariser (L3) aims for; it trains faster in short runs [ours, measured in SPEC §1].
@@ -123,9 +151,13 @@ class LoRA2Linear(nn.Module):
 
     def forward(self, x):  # x: (..., d_in)
         """(L2) h = W₀x + b + s · P_outer (P_inner (λ ⊙ (Q_inner (Q_outer x)))), evaluated as a rank-k chain."""
-        y = self.base(x)  # (..., d_out), the base's dtype
         if self.merged:
-            return y
+            if self.training and torch.is_grad_enabled() and self.lambda_.requires_grad:
+                raise RuntimeError(f"LoRA2Linear {self._label()} is merged: a training forward would train nothing (the "
+                                   f"adapter is off the autograd path). Call lora2.unmerge(model) before training, or "
+                                   f"run merged layers under model.eval() or torch.no_grad().")
+            return self.base(x)  # W₀ + s·ΔW is in the weight
+        y = self.base(x)  # (..., d_out), the base's dtype
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.Q_outer.dtype)  # adapter arithmetic in fp32 outside autocast
         B = self.scaling * (self.P_outer @ self.inner())  # (d_out, k) = s · P_outer · M, O(d_out k²)
@@ -137,25 +169,59 @@ class LoRA2Linear(nn.Module):
         """s · ΔW = s · P_outer · M · Q_outer (L1), shape (d_out, d_in), fp32. Built only for merge and tests."""
         return self.scaling * (self.P_outer @ self.inner() @ self.Q_outer)
 
+    @property
+    def merged(self):
+        """True between merge() and unmerge()."""
+        return self._merged_delta is not None
+
+    def _label(self, name=None):
+        return repr(self.name or name) if self.name or name else "(unnamed)"
+
     @torch.no_grad()
-    def _add_to_base(self, sign):
+    def _weight_with_merged_delta(self, sign):
+        """W + sign · B @ A in fp32, cast to the base's dtype, with (B, A) the factors merge() kept."""
         w = self.base.weight
-        delta = self.delta_weight()
+        B, A = (t.to(w.device) for t in self._merged_delta)
+        delta = B @ A  # (d_out, d_in) = s · P_outer · M · Q_outer as it was at merge()
         if self.fan_in_fan_out:
             delta = delta.T  # Conv1D stores (d_in, d_out)
-        w.copy_((w.float() + sign * delta).to(w.dtype))  # in fp32, cast back to the base's dtype
+        return (w.float() + sign * delta).to(w.dtype)  # in fp32, cast back to the base's dtype
 
+    @torch.no_grad()
     def merge(self):
-        """W₀ ← W₀ + s·ΔW in fp32 (SPEC §1). Idempotent; independent of .train()/.eval()."""
-        if not self.merged:
-            self._add_to_base(+1.0)
-            self.merged = True
-
-    def unmerge(self):
-        """W₀ ← W₀ − s·ΔW, undoing merge() up to fp32 rounding of the base weight. Idempotent."""
+        """W₀ ← W₀ + s·ΔW in fp32 (SPEC §1). Idempotent; independent of .train()/.eval(). Raises if the base weight is
+        shared with another parameter (`tied_to`)."""
         if self.merged:
-            self._add_to_base(-1.0)
-            self.merged = False
+            return
+        if self.tied_to:
+            modules = ", ".join(repr(n.rpartition(".")[0]) for n in self.tied_to)
+            raise ValueError(f"merge: LoRA2Linear {self._label()} shares its weight with {modules} (tied weights): "
+                             f"merging would change that module too. Give the layer its own copy of the weight to merge "
+                             f"it, or keep it unmerged.")
+        B = self.scaling * (self.P_outer @ self.inner())  # (d_out, k) = s · P_outer · M
+        A = self.Q_outer.detach().clone()  # (k, d_in) = Q_outer
+        self._merged_delta = (B, A)
+        self.base.weight.copy_(self._weight_with_merged_delta(+1.0))  # W₀ + s·ΔW
+
+    @torch.no_grad()
+    def unmerge(self):
+        """W ← W − B @ A with the (B, A) that merge() kept: exactly what merge() added, whatever changed since. Idempotent."""
+        if self.merged:
+            self.base.weight.copy_(self._weight_with_merged_delta(-1.0))  # W₀
+            self._merged_delta = None
+
+    @staticmethod
+    def _state_dict_holds_W0(module, state_dict, prefix, local_metadata):
+        """state_dict() post-hook: a merged layer stores W₀ (weight − B @ A) as its base weight, never W₀ + s·ΔW."""
+        if module.merged:
+            state_dict[prefix + "base.weight"] = module._weight_with_merged_delta(-1.0)
+
+    @staticmethod
+    def _refuse_load_while_merged(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        """load_state_dict() pre-hook: loading any entry of a merged layer raises (see the class docstring)."""
+        if module.merged and any(key.startswith(prefix) for key in state_dict):
+            raise RuntimeError(f"load_state_dict: LoRA2Linear {module._label(prefix[:-1])} is merged; call lora2.unmerge(model) "
+                               f"before loading (and merge again after, if wanted)")
 
     @property
     def rank(self):
@@ -163,7 +229,8 @@ class LoRA2Linear(nn.Module):
         return int(torch.count_nonzero(self.lambda_))
 
     def extra_repr(self):
-        return f"d_in={self.in_features}, d_out={self.out_features}, r={self.r}, k={self.k}, s={self.scaling:g}"
+        merged = ", merged" if self.merged else ""
+        return f"d_in={self.in_features}, d_out={self.out_features}, r={self.r}, k={self.k}, s={self.scaling:g}{merged}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -187,6 +254,8 @@ def inject(model, targets, r=8, k=8, alpha=16, dropout=0.0, trainable=("classifi
     A string target matches a module whose name equals it or ends with "." + it; a compiled regex must fullmatch
     the name. Only nn.Linear (and GPT-2's Conv1D) modules are replaced. Afterwards only the adapters and the
     parameters whose name contains an entry of `trainable` (e.g. the classification head) require grad.
+    Each new layer records its name and the other names of its base weight (`tied_to`), so that merging a weight
+    shared with another module (tied embeddings) can be refused.
     """
     targets = [targets] if isinstance(targets, (str, re.Pattern)) else list(targets)
     if not targets:
@@ -208,12 +277,24 @@ def inject(model, targets, r=8, k=8, alpha=16, dropout=0.0, trainable=("classifi
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, attr, LoRA2Linear(getattr(parent, attr), r=r, k=k, alpha=alpha, dropout=dropout, init=init))
+    _record_names(model)
     for pname, p in model.named_parameters():
         p.requires_grad_(any(t in pname for t in trainable))
     for m in lora2_modules(model).values():
         m.requires_grad_(True)
         m.base.requires_grad_(False)  # W₀ stays frozen even if a `trainable` entry matches its name
     return chosen
+
+
+def _record_names(model):
+    """Set each LoRA2Linear's `name` and `tied_to`: the other names under which `model` holds its base weight (the
+    same Parameter object, as tied embeddings are made), e.g. ("transformer.wte.weight",) for GPT-2's lm_head."""
+    names = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(pname)
+    for name, m in lora2_modules(model).items():
+        own = f"{name}.base.weight" if name else "base.weight"
+        m.name, m.tied_to = name, tuple(n for n in names[id(m.base.weight)] if n != own)
 
 
 def count_parameters(model):
@@ -456,22 +537,35 @@ class Pruner:
 
 
 def merge(model):
-    """Merge every LoRA2Linear (W₀ ← W₀ + s·ΔW); idempotent."""
-    for m in lora2_modules(model).values():
+    """Merge every LoRA2Linear (W₀ ← W₀ + s·ΔW, SPEC §1); idempotent. If a base weight is shared with another
+    parameter of `model` (tied weights) it raises, naming both modules, before any layer is merged."""
+    modules = _mergeable(model)
+    for m in modules.values():
         m.merge()
     return model
 
 
+def _mergeable(model):
+    """lora2_modules(model), after checking that none of the unmerged ones has a tied base weight."""
+    _record_names(model)  # ties made after inject (e.g. a later tie_weights()) count too
+    modules = lora2_modules(model)
+    for m in modules.values():
+        if m.tied_to and not m.merged:
+            m.merge()  # raises, naming both modules
+    return modules
+
+
 def unmerge(model):
-    """Undo merge() for every LoRA2Linear; idempotent."""
+    """Undo merge() for every LoRA2Linear: subtract exactly what merge() added; idempotent."""
     for m in lora2_modules(model).values():
         m.unmerge()
     return model
 
 
 def merge_and_unload(model):
-    """Merge every adapter into its base weight and put the plain base layer back in its place."""
-    for name, m in lora2_modules(model).items():
+    """Merge every adapter into its base weight and put the plain base layer back in its place. Refuses tied
+    weights like merge(), before changing anything."""
+    for name, m in _mergeable(model).items():
         m.merge()
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, m.base)
@@ -489,8 +583,13 @@ def adapter_state_dict(model):
 
 @torch.no_grad()
 def load_adapter_state_dict(model, state):
-    """Load what adapter_state_dict saved. Missing, unexpected or mis-shaped entries raise, naming the layer."""
+    """Load what adapter_state_dict saved. Missing, unexpected or mis-shaped entries raise, naming the layer, and so
+    does a merged layer (unmerge first: its weight holds the adapter as it was at merge())."""
     modules = lora2_modules(model)
+    merged = [name for name, m in modules.items() if m.merged]
+    if merged:
+        raise RuntimeError(f"load_adapter_state_dict: {len(merged)} layers are merged ({merged[0]!r}, ...); call "
+                           f"lora2.unmerge(model) first")
     expected = {f"{name}.{key}" for name in modules for key in ADAPTER_KEYS}
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)

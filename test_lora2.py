@@ -142,6 +142,106 @@ def test_merge_on_non_square_layer_uses_the_matrix_product():
     torch.testing.assert_close(layer.base.weight.double(), W0 + dense_delta(layer), rtol=1e-5, atol=1e-5)
 
 
+def test_unmerge_removes_what_merge_added_after_lambda_changed():
+    """Issue 10.1: unmerge() subtracted the *current* ΔW, so a λ change between merge() and unmerge() (a Pruner step in
+    the final phase, a manual edit) left W₀ wrong for good."""
+    net = make_net()
+    randomise(net)
+    layers = lora2.lora2_modules(net)
+    W0 = {n: m.base.weight.detach().clone() for n, m in layers.items()}
+    pruner = Pruner(net, target_rank=1, total_steps=10, init_warmup=1, final_warmup=3, mask_interval=1)
+    lora2.merge(net)
+    with torch.no_grad():
+        net.layers[0].query.lambda_.mul_(3.0)  # a manual edit
+    pruner.step(9)  # the final phase: keeps b_T = 8 of the 32 λ and zeroes the others
+    assert sum(m.rank for m in layers.values()) == 8
+    lora2.unmerge(net)
+    for n, m in layers.items():
+        torch.testing.assert_close(m.base.weight, W0[n], rtol=0, atol=1e-5, msg=n)  # fp32 rounding of (W₀ + δ) − δ
+    net.eval()
+    x = torch.randn(2, 5, 12)
+    y = net(x)  # W₀ + today's adapter
+    lora2.merge(net)
+    torch.testing.assert_close(net(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_training_forward_through_a_merged_layer_raises():
+    """Issue 10.1: training a merged model silently trained nothing (the adapter is off the autograd path)."""
+    net = make_net()
+    randomise(net)
+    lora2.merge(net)
+    x = torch.randn(2, 5, 12)
+    net.train()
+    with pytest.raises(RuntimeError, match=r"LoRA2Linear 'layers\.0\.query' is merged: a training forward would train"):
+        net(x)
+    with torch.no_grad():
+        net(x)  # inference in train mode is fine
+    net.eval()
+    net(x).sum().backward()  # and so is an eval-mode forward (e.g. training only the head on a merged model)
+    assert net.classifier.weight.grad is not None and net.layers[0].query.lambda_.grad is None
+
+
+def test_state_dict_of_a_merged_model_holds_W0_and_loading_into_a_merged_model_is_refused():
+    """Issue 10.1: a merged model's state_dict loaded into an unmerged one counted ΔW twice, and loading into a merged
+    model left a weight that matched neither adapter."""
+    net = make_net()
+    randomise(net)
+    net.eval()
+    x = torch.randn(2, 5, 12)
+    y = net(x)
+    unmerged_state = {key: value.clone() for key, value in net.state_dict().items()}  # state_dict() shares storage
+    lora2.merge(net)
+    merged_state = net.state_dict()
+    for key, value in unmerged_state.items():  # W₀, not W₀ + s·ΔW (up to fp32 rounding of (W₀ + δ) − δ)
+        torch.testing.assert_close(merged_state[key], value, rtol=0, atol=1e-5, msg=key)
+    other = make_net(seed=3).eval()
+    other.load_state_dict(merged_state)
+    torch.testing.assert_close(other(x), y, rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(RuntimeError, match=r"LoRA2Linear 'layers\.0\.query' is merged; call lora2\.unmerge\(model\)"):
+        net.load_state_dict(make_net(seed=4).state_dict())
+    with pytest.raises(RuntimeError, match=r"load_adapter_state_dict: 8 layers are merged .*unmerge"):
+        lora2.load_adapter_state_dict(net, lora2.adapter_state_dict(make_net(seed=4)))
+    net.classifier.load_state_dict(make_net(seed=4).classifier.state_dict())  # other modules still load
+    torch.testing.assert_close(lora2.unmerge(net).layers[1].down.base.weight, unmerged_state["layers.1.down.base.weight"],
+                               rtol=0, atol=1e-5)
+
+
+class TiedLM(nn.Module):
+    """GPT-2's weight tying: the output layer is the embedding matrix."""
+
+    def __init__(self, vocab=11, d=8):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids):
+        return self.lm_head(self.wte(ids))
+
+
+def test_merging_a_tied_weight_is_refused():
+    """Issue 10.2: merging lm_head, whose weight is GPT-2's wte, also changed the embedding."""
+    torch.manual_seed(0)
+    lm = TiedLM()
+    lora2.inject(lm, "lm_head", r=2, k=2)
+    randomise(lm)
+    lm.eval()
+    ids = torch.randint(0, 11, (2, 5))
+    y, embedding = lm(ids), lm.wte.weight.detach().clone()
+    for merge in (lora2.merge, lora2.merge_and_unload, lambda model: model.lm_head.merge()):
+        with pytest.raises(ValueError, match=r"LoRA2Linear 'lm_head' shares its weight with 'wte' \(tied weights\)"):
+            merge(lm)
+        assert torch.equal(lm.wte.weight, embedding) and not lm.lm_head.merged
+    torch.testing.assert_close(lm(ids), y)
+
+    untied = nn.ModuleDict(dict(wte=nn.Embedding(11, 8), lm_head=nn.Linear(8, 11, bias=False)))
+    lora2.inject(untied, "lm_head", r=2, k=2)
+    untied.lm_head.base.weight = untied.wte.weight  # tied after inject: merge(model) looks again
+    with pytest.raises(ValueError, match="'lm_head' shares its weight with 'wte'"):
+        lora2.merge(untied)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_base(dtype):
     torch.manual_seed(0)
@@ -160,7 +260,8 @@ def test_half_precision_base(dtype):
     torch.testing.assert_close(z.float(), ref(x), rtol=0.05, atol=0.1)
     half.merge()  # merge in fp32, cast back
     assert half.base.weight.dtype == dtype
-    torch.testing.assert_close(half(x.to(dtype)).float(), ref(x), rtol=0.05, atol=0.1)
+    with torch.no_grad():
+        torch.testing.assert_close(half(x.to(dtype)).float(), ref(x), rtol=0.05, atol=0.1)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
