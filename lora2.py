@@ -51,6 +51,7 @@ from torch import nn
 
 INITS = ("orthogonal", "paper")
 SCORED = ("inner", "all")
+HEAD = ("classifier", "pooler")  # module-name parts of a classification head: trained along with the adapters
 
 
 def _is_conv1d(module):
@@ -248,16 +249,36 @@ def _matches(name, target):
     return name == target or name.endswith("." + target)
 
 
-def inject(model, targets, r=8, k=8, alpha=16, dropout=0.0, trainable=("classifier", "pooler"), init="orthogonal"):
+def _has_part(name, part):
+    """True if `part` ("classifier", or several parts such as "bert.pooler") is a run of whole dotted components of
+    `name`: "classifier" matches "classifier.weight" and "head.classifier.bias", not "classifier_dropout.p"."""
+    return f".{part}." in f".{name}."
+
+
+def _names(value, what, patterns=False):
+    """A non-empty string (or compiled regex, if `patterns`), or a list, tuple or set of them, as a tuple; anything
+    else raises TypeError. A single string is one name, never its characters."""
+    kinds = (str, re.Pattern) if patterns else (str,)
+    items = (value,) if isinstance(value, kinds) else value
+    if not isinstance(items, (list, tuple, set, frozenset)) or any(not isinstance(v, kinds) or v == "" for v in items):
+        kind = "a non-empty string or compiled regex" if patterns else "a non-empty string"
+        raise TypeError(f"{what} must be {kind}, or a list of them; got {value!r}")
+    return tuple(items)
+
+
+def inject(model, targets, r=8, k=8, alpha=16, dropout=0.0, trainable=HEAD, init="orthogonal"):
     """Replace the matching linear layers of `model` by LoRA2Linear in place; return their names.
 
-    A string target matches a module whose name equals it or ends with "." + it; a compiled regex must fullmatch
-    the name. Only nn.Linear (and GPT-2's Conv1D) modules are replaced. Afterwards only the adapters and the
-    parameters whose name contains an entry of `trainable` (e.g. the classification head) require grad.
+    targets: a string or a compiled regex, or a list of them. A string matches a module whose name equals it or ends
+    with "." + it; a regex must fullmatch the name. Only nn.Linear (and GPT-2's Conv1D) modules are replaced.
+    trainable: a string or a list of strings (default HEAD). Afterwards only the adapters and the parameters with an
+    entry of `trainable` among the dotted parts of their name require grad (count_parameters(model, head=...) counts
+    the same ones as the head); pass () to train the adapters alone.
     Each new layer records its name and the other names of its base weight (`tied_to`), so that merging a weight
     shared with another module (tied embeddings) can be refused.
     """
-    targets = [targets] if isinstance(targets, (str, re.Pattern)) else list(targets)
+    targets = _names(targets, "inject: targets", patterns=True)
+    trainable = _names(trainable, "inject: trainable")
     if not targets:
         raise ValueError("inject: no targets given")
     existing = lora2_modules(model)
@@ -272,14 +293,14 @@ def inject(model, targets, r=8, k=8, alpha=16, dropout=0.0, trainable=("classifi
     if not chosen:
         layers = sorted({re.sub(r"\.\d+\.", ".{i}.", n) for n, m in model.named_modules()
                          if _is_linear(m) and n.rpartition(".")[0] not in existing})
-        raise ValueError(f"inject: no linear layer matches {targets}; the model's linear layers are: {layers}")
+        raise ValueError(f"inject: no linear layer matches {list(targets)}; the model's linear layers are: {layers}")
     for name in chosen:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, attr, LoRA2Linear(getattr(parent, attr), r=r, k=k, alpha=alpha, dropout=dropout, init=init))
     _record_names(model)
     for pname, p in model.named_parameters():
-        p.requires_grad_(any(t in pname for t in trainable))
+        p.requires_grad_(any(_has_part(pname, t) for t in trainable))
     for m in lora2_modules(model).values():
         m.requires_grad_(True)
         m.base.requires_grad_(False)  # W₀ stays frozen even if a `trainable` entry matches its name
@@ -297,10 +318,18 @@ def _record_names(model):
         m.name, m.tied_to = name, tuple(n for n in names[id(m.base.weight)] if n != own)
 
 
-def count_parameters(model):
-    """(trainable, total) numbers of parameters; shared tensors are counted once."""
-    params = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+def count_parameters(model, head=HEAD):
+    """{"adapter", "head", "trainable", "total"}: numbers of parameters, a shared tensor counted once. A trainable
+    parameter with an entry of `head` among the dotted parts of its name counts as head (as in inject's
+    `trainable`), any other trainable one as adapter; trainable = adapter + head."""
+    head = _names(head, "count_parameters: head")
+    counts = dict(adapter=0, head=0, trainable=0, total=0)
+    for name, p in model.named_parameters():  # each tensor once, under its first name
+        counts["total"] += p.numel()
+        if p.requires_grad:
+            counts["trainable"] += p.numel()
+            counts["head" if any(_has_part(name, h) for h in head) else "adapter"] += p.numel()
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -308,6 +308,42 @@ def test_inject_matching_freezing_and_errors():
         lora2.inject(Net(), "ery")  # "ery" is not a whole dotted suffix of "layers.0.query"
 
 
+def test_inject_trainable_accepts_a_string_and_both_arguments_are_validated():
+    """Issue 10.3: trainable="classifier" iterated the string's characters and unfroze nearly the whole model."""
+    torch.manual_seed(0)
+    net = Net()
+    names = lora2.inject(net, "query", r=2, k=2, trainable="classifier")
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.{f}" for n in names for f in lora2.ADAPTER_KEYS[:5]} | {"classifier.weight",
+                                                                                     "classifier.bias"}
+    for bad in (5, None, [1], [""], b"query", ["query", re.compile("x")]):
+        with pytest.raises(TypeError, match=r"inject: trainable must be a non-empty string, or a list of them"):
+            lora2.inject(Net(), "value", trainable=bad)
+    for bad in (5, None, [3], "", b"value"):
+        with pytest.raises(TypeError, match=r"inject: targets must be a non-empty string or compiled regex"):
+            lora2.inject(Net(), bad)
+
+
+def test_trainable_and_head_match_whole_name_parts():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.classifier_dropout = nn.Linear(2, 2)  # not a "classifier" part
+            self.pooler = nn.Linear(2, 2)
+            self.body = nn.Linear(2, 2)
+
+    net = Head()
+    lora2.inject(net, "body", r=1, k=1)  # default trainable=HEAD
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == {
+        "pooler.weight", "pooler.bias", *(f"body.{f}" for f in lora2.ADAPTER_KEYS[:5])}
+    counts = lora2.count_parameters(net)
+    adapter = 1 * (2 + 2) + 2 * 1 * 1 + 1  # k(d_in + d_out) + 2kr + r
+    assert counts == {"adapter": adapter, "head": 6, "trainable": adapter + 6, "total": adapter + 18}
+    assert lora2.count_parameters(net, head="body")["head"] == adapter  # the adapters are under "body"
+    lm = TiedLM()
+    assert lora2.count_parameters(lm)["total"] == 11 * 8  # a tied tensor counted once
+
+
 def test_layer_validation_errors():
     base = nn.Linear(4, 4)
     with pytest.raises(TypeError, match="wraps nn.Linear or GPT-2's Conv1D, got Conv2d"):
@@ -340,7 +376,10 @@ def test_parameter_count_formula_and_paper_figures():
     for k, expected in ((8, 1_336_896), (1, 167_616)):
         model = DebertaV3BaseShapes()
         assert len(lora2.inject(model, targets, r=8, k=k, init="paper")) == 72
-        assert lora2.count_parameters(model)[0] == expected  # SPEC §1: the paper's 0.72 % and 0.17M
+        counts = lora2.count_parameters(model)
+        assert counts["adapter"] == counts["trainable"] == expected  # SPEC §1: the paper's 0.72 % and 0.17M
+        backbone = 12 * (4 * (768 * 768 + 768) + 2 * 768 * 3072 + 3072 + 768)  # the frozen weights and biases
+        assert counts["head"] == 0 and counts["total"] == expected + backbone
 
 
 # ---------------------------------------------------------------------------------------------------------------- L3, L4
