@@ -384,22 +384,51 @@ def test_parameter_count_formula_and_paper_figures():
 
 # ---------------------------------------------------------------------------------------------------------------- L3, L4
 
+def dense_regularizer(net, cross=0.0, squared=False):
+    """(L3) + cross · (L4) of SPEC §2 written out layer by layer in float64: the golden reference."""
+    layers = list(lora2.lora2_modules(net).values())
+    norm = (lambda x: x.pow(2).sum()) if squared else torch.linalg.norm  # ‖·‖²_F or ‖·‖_F
+
+    def deviation(f):  # G(F) − I, G on the smaller dimension
+        f = f.detach().double()
+        g = f.T @ f if f.shape[0] >= f.shape[1] else f @ f.T
+        return g - torch.eye(g.shape[0], dtype=torch.float64)
+
+    r_int = sum(norm(deviation(getattr(m, f))) for m in layers for f in lora2.FACTORS)
+    r_int = r_int / (len(layers) if squared else 4 * len(layers))  # m = 4 · layers; squared: mean of per-layer sums
+    square = [m for m in layers if m.in_features == m.out_features]
+    r_ext = sum(norm(m.Q_outer.detach().double() @ m.P_outer.detach().double()) for m in square) / len(square)
+    return r_int + cross * r_ext
+
+
 def test_orthogonal_regularizer():
     torch.manual_seed(0)
     net = make_net(r=2, k=3)  # orthogonal init: every factor has orthonormal rows or columns
-    assert lora2.orthogonal_regularizer(net).item() < 1e-10
-    with torch.no_grad():
-        for m in lora2.lora2_modules(net).values():
-            m.P_outer.mul_(2.0)  # PᵀP = 4I: ‖4I − I‖² = 9·k per layer
-    torch.testing.assert_close(lora2.orthogonal_regularizer(net), torch.tensor(27.0))
+    assert lora2.orthogonal_regularizer(net).item() < 1e-6
+    assert lora2.orthogonal_regularizer(net, squared=True).item() < 1e-10
     randomise(net)
+    for cross in (0.0, 0.5):
+        for squared in (False, True):
+            got = lora2.orthogonal_regularizer(net, cross=cross, squared=squared)
+            torch.testing.assert_close(got.double(), dense_regularizer(net, cross, squared), rtol=1e-5, atol=0)
     reg = lora2.orthogonal_regularizer(net, cross=0.5)
-    assert reg > 0
     reg.backward()
     for m in lora2.lora2_modules(net).values():
         for f in (m.P_outer, m.P_inner, m.Q_inner, m.Q_outer):
             assert f.grad is not None and f.grad.abs().sum() > 0
         assert m.lambda_.grad is None
+
+
+def test_regularizer_default_is_the_unsquared_frobenius_norm_averaged_over_matrices():
+    """Issue 10.4: (L3) was a squared per-layer sum; the code behind the paper's γ (AdaLoRA, PEFT, the authors) uses
+    (1/m) Σ ‖G − I‖_F over the m = 4 · layers matrices (SPEC §2). The squared form stays behind squared=True."""
+    torch.manual_seed(0)
+    net = make_net(r=2, k=3)
+    with torch.no_grad():
+        for m in lora2.lora2_modules(net).values():
+            m.P_outer.mul_(2.0)  # P_outerᵀP_outer = 4·I_3: ‖3·I_3‖_F = 3√3, the other three factors stay orthogonal
+    torch.testing.assert_close(lora2.orthogonal_regularizer(net), torch.tensor(3 * math.sqrt(3) / 4))  # 8·3√3 / 32
+    torch.testing.assert_close(lora2.orthogonal_regularizer(net, squared=True), torch.tensor(27.0))  # ‖3·I_3‖²_F
 
 
 def test_external_regularizer_only_on_square_layers():
@@ -410,7 +439,7 @@ def test_external_regularizer_only_on_square_layers():
     square = [m for m in layers.values() if m.in_features == m.out_features]
     assert len(square) == 4 and len(layers) == 8
     r_int = lora2.orthogonal_regularizer(net)
-    r_ext = torch.stack([(m.Q_outer @ m.P_outer).pow(2).sum() for m in square]).mean()  # (L4) by hand
+    r_ext = torch.stack([torch.linalg.norm(m.Q_outer @ m.P_outer) for m in square]).mean()  # (L4) by hand
     torch.testing.assert_close(lora2.orthogonal_regularizer(net, cross=0.3), r_int + 0.3 * r_ext)
     torch.manual_seed(0)
     wide = nn.Sequential(nn.Linear(4, 6))
