@@ -154,9 +154,9 @@ class LoRA2Linear(nn.Module):
         """(L2) h = W₀x + b + s · P_outer (P_inner (λ ⊙ (Q_inner (Q_outer x)))), evaluated as a rank-k chain."""
         if self.merged:
             if self.training and torch.is_grad_enabled() and self.lambda_.requires_grad:
-                raise RuntimeError(f"LoRA2Linear {self._label()} is merged: a training forward would train nothing (the "
-                                   f"adapter is off the autograd path). Call lora2.unmerge(model) before training, or "
-                                   f"run merged layers under model.eval() or torch.no_grad().")
+                raise RuntimeError(f"LoRA2Linear {self._label()} is merged: a training forward would train nothing "
+                                   f"(the adapter is off the autograd path). Call lora2.unmerge(model) before "
+                                   f"training, or run merged layers under model.eval() or torch.no_grad().")
             return self.base(x)  # W₀ + s·ΔW is in the weight
         y = self.base(x)  # (..., d_out), the base's dtype
         if not torch.is_autocast_enabled(x.device.type):
@@ -197,8 +197,8 @@ class LoRA2Linear(nn.Module):
         if self.tied_to:
             modules = ", ".join(repr(n.rpartition(".")[0]) for n in self.tied_to)
             raise ValueError(f"merge: LoRA2Linear {self._label()} shares its weight with {modules} (tied weights): "
-                             f"merging would change that module too. Give the layer its own copy of the weight to merge "
-                             f"it, or keep it unmerged.")
+                             f"merging would change that module too. Give the layer its own copy of the weight to "
+                             f"merge it, or keep it unmerged.")
         B = self.scaling * (self.P_outer @ self.inner())  # (d_out, k) = s · P_outer · M
         A = self.Q_outer.detach().clone()  # (k, d_in) = Q_outer
         self._merged_delta = (B, A)
@@ -206,7 +206,8 @@ class LoRA2Linear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self):
-        """W ← W − B @ A with the (B, A) that merge() kept: exactly what merge() added, whatever changed since. Idempotent."""
+        """W ← W − B @ A with the (B, A) that merge() kept: exactly what merge() added, whatever changed since.
+        Idempotent."""
         if self.merged:
             self.base.weight.copy_(self._weight_with_merged_delta(-1.0))  # W₀
             self._merged_delta = None
@@ -221,8 +222,8 @@ class LoRA2Linear(nn.Module):
     def _refuse_load_while_merged(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         """load_state_dict() pre-hook: loading any entry of a merged layer raises (see the class docstring)."""
         if module.merged and any(key.startswith(prefix) for key in state_dict):
-            raise RuntimeError(f"load_state_dict: LoRA2Linear {module._label(prefix[:-1])} is merged; call lora2.unmerge(model) "
-                               f"before loading (and merge again after, if wanted)")
+            raise RuntimeError(f"load_state_dict: LoRA2Linear {module._label(prefix[:-1])} is merged; call "
+                               f"lora2.unmerge(model) before loading (and merge again after, if wanted)")
 
     @property
     def rank(self):
@@ -340,7 +341,7 @@ FACTORS = ("P_outer", "P_inner", "Q_inner", "Q_outer")
 
 
 def shape_groups(modules):
-    """{(d_out, d_in, r, k): [names]}: layers of equal shapes, whose factors can be stacked and handled in one kernel."""
+    """{(d_out, d_in, r, k): [names]}: layers of equal shapes, whose factors can be stacked into one kernel call."""
     groups = {}
     for name, m in modules.items():
         groups.setdefault((m.out_features, m.in_features, m.r, m.k), []).append(name)
@@ -398,13 +399,19 @@ def orthogonal_regularizer(model, cross=0.0, squared=False):
 class Pruner:
     """AdaLoRA's budget allocation with LoRA²'s cheap importance score (L5)–(L8).
 
-    Scores are kept only for λ, P_inner and Q_inner (2kr + r entries a layer, SPEC §3); scored="all" also scores the
-    outer factors, AdaLoRA-style, which adds a per-layer constant to every triplet of that layer [ours, an ablation].
-    Layers of the same shapes keep their scores in stacked tensors; the moving averages are updated by six
-    torch._foreach_* calls over all scored factors of all layers, so a step costs a few dozen kernel launches
-    whatever the number of layers, and never waits for the device (no .item(), no data-dependent Python branch).
+    Each layer keeps its own Ī and Ū (AdaLoRA eqs. 11, 12) for λ, P_inner and Q_inner only: 2kr + r entries a layer
+    (SPEC §3). scored="all" also scores P_outer and Q_outer, AdaLoRA-style, which adds a per-layer constant to every
+    triplet of that layer [ours, an ablation]. The update is a plain loop over layers and factors, one line per
+    equation: stacking the layers and updating them with torch._foreach_* calls took the same host time when measured
+    (BENCHMARKS.md), so the literal form stays. Ī and Ū are fp32 whatever the layers' dtype, and I is computed in fp32;
+    they move to a layer's device at its first update after the model moved (model.to(device), model.half(): the
+    pruner follows). The kept set lives in each layer's `lambda_mask` buffer (see `rank_pattern`), which moves with
+    the model.
 
-    Call .step(global_step) after optimizer.step() and before zero_grad() (SPEC §4).
+    Call .step(global_step) after optimizer.step() and before zero_grad() (SPEC §4), with a global_step that grows
+    from call to call. For torch.compile, `update_scores` (the per-step work) compiles without graph breaks; the
+    masking in `step` (a sort every mask_interval steps) stays eager. A forward pre-hook warns when the pruner is
+    never stepped; close() removes it.
     """
 
     def __init__(self, model, target_rank, total_steps, init_warmup, final_warmup, mask_interval,
@@ -415,7 +422,7 @@ class Pruner:
         ints = dict(target_rank=target_rank, total_steps=total_steps, init_warmup=init_warmup,
                     final_warmup=final_warmup, mask_interval=mask_interval)
         for key, value in ints.items():
-            if not isinstance(value, int) or value < 0:
+            if not _is_int(value) or value < 0:
                 raise ValueError(f"Pruner: {key} must be an integer >= 0, got {value!r}")
         if total_steps <= init_warmup + final_warmup:
             raise ValueError(f"Pruner: total_steps (T={total_steps}) must exceed init_warmup + final_warmup "
@@ -432,46 +439,42 @@ class Pruner:
             raise ValueError(f"Pruner: scored must be one of {SCORED}, got {scored!r}")
         self.b0 = sum(m.r for m in self.modules.values())  # n·r singular values at start
         self.bT = len(self.modules) * target_rank if target_total is None else target_total
-        if not (isinstance(self.bT, int) and 0 <= self.bT <= self.b0):
+        if not (_is_int(self.bT) and 0 <= self.bT <= self.b0):
             raise ValueError(f"Pruner: target_total must be an integer in [0, {self.b0}] (b₀ = Σ r), got {self.bT!r}")
         self.T, self.t_i, self.t_f, self.mask_interval = total_steps, init_warmup, final_warmup, mask_interval
         self.beta1, self.beta2, self.scored = beta1, beta2, scored
         self.kinds = ("lambda_", "P_inner", "Q_inner") + (("P_outer", "Q_outer") if scored == "all" else ())
-        self.groups = shape_groups(self.modules)  # scores of equal-shape layers are stacked: (n_group, *factor shape)
-        self._ordered = [self.modules[name] for names in self.groups.values() for name in names]  # the mask's order
-        self._ranks = [m.r for m in self._ordered]
-        self._scored = [getattr(self.modules[name], kind) for key, names in self.groups.items()
-                        for kind in self.kinds for name in names]  # one entry per (layer, scored factor)
-        self.ipt = {}  # (group, kind) -> [Ī, Ū], each (n_group, *shape)
-        for key, names in self.groups.items():
-            for kind in self.kinds:
-                shape = (len(names),) + getattr(self.modules[names[0]], kind).shape
-                self.ipt[key, kind] = [torch.zeros(shape), torch.zeros(shape)]
-        self.mask = torch.ones(self.b0, dtype=torch.bool)  # kept λ, in group order
-        self._to(self._ordered[0].lambda_.device)
+        self.Ibar = {name: self._zeros(m) for name, m in self.modules.items()}  # Ī per layer and scored factor, fp32
+        self.Ubar = {name: self._zeros(m) for name, m in self.modules.items()}  # Ū per layer and scored factor, fp32
         self.final_fixed = False  # the final phase's pattern has been set and is re-applied every step
         self.last_step = None
         self._forwards = 0
         self._hook = model.register_forward_pre_hook(self._check_called)
 
-    def _to(self, device):
-        """Put the scores and the mask on `device`: the pruner follows its layers when the model moves after it was
-        built. _ibar/_ubar are per-(layer, factor) views into the stacks of self.ipt, for the foreach updates."""
-        self.ipt = {key: [t.to(device) for t in pair] for key, pair in self.ipt.items()}
-        self.mask = self.mask.to(device)
-        self._ibar = [row for (key, kind), (ibar, _) in self.ipt.items() for row in ibar]
-        self._ubar = [row for (key, kind), (_, ubar) in self.ipt.items() for row in ubar]
+    def _zeros(self, m):
+        return {kind: torch.zeros(getattr(m, kind).shape, device=m.lambda_.device) for kind in self.kinds}
 
     def _check_called(self, model, args):
-        """A pruner never stepped silently leaves an unpruned factorised LoRA (SPEC §4): warn once."""
+        """A pruner never stepped silently leaves an unpruned factorised LoRA (SPEC §4): warn once, after 100
+        training forwards. Eager forwards only: a Python counter inside a compiled graph would be guarded on, and
+        recompiled for, at every value."""
+        if torch.compiler.is_compiling():
+            return
         if model.training and self.last_step is None:
             self._forwards += 1
             if self._forwards == 100:
                 warnings.warn("Pruner.step(global_step) has not been called in 100 training forwards: nothing is "
                               "scored or pruned. Call it after optimizer.step(), before zero_grad().", stacklevel=2)
 
+    def close(self):
+        """Remove the forward pre-hook that warns when step() is never called. Idempotent."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
     def budget(self, t):
-        """b(t), the number of λ kept after step t (L7; AdaLoRA eq. 14 with its typo fixed)."""
+        """b(t), the number of λ kept after step t (L7; AdaLoRA eq. 14 as AdaLoRA's and the authors' code compute it,
+        with (t − t_i) where the printed equation has a typo)."""
         if t <= self.t_i:
             return self.b0
         if t > self.T - self.t_f:
@@ -480,71 +483,77 @@ class Pruner:
         return int(math.floor(self.bT + (self.b0 - self.bT) * (1 - progress) ** 3))
 
     @torch.no_grad()
-    def _update_scores(self):
-        """(L5) I = |w · ∂L/∂w|; Ī ← β₁Ī + (1−β₁)I; Ū ← β₂Ū + (1−β₂)|I − Ī| (AdaLoRA eqs. 10–12), for every scored
-        factor of every layer at once. A factor without a gradient is skipped, not a crash."""
-        rows = [j for j, p in enumerate(self._scored) if p.grad is not None]
-        if not rows:
-            return
-        params = [self._scored[j] for j in rows]
-        ibar, ubar = [self._ibar[j] for j in rows], [self._ubar[j] for j in rows]
-        sensitivity = torch._foreach_mul(params, [p.grad for p in params])
-        torch._foreach_abs_(sensitivity)  # I
-        torch._foreach_lerp_(ibar, sensitivity, 1 - self.beta1)  # Ī = β₁Ī + (1−β₁)I
-        deviation = torch._foreach_sub(sensitivity, ibar)
-        torch._foreach_abs_(deviation)  # |I − Ī|
-        torch._foreach_lerp_(ubar, deviation, 1 - self.beta2)  # Ū = β₂Ū + (1−β₂)|I − Ī|
+    def update_scores(self):
+        """(L5) on this step's gradients: AdaLoRA eqs. 10–12 for every scored factor w of every layer, in fp32.
+
+        step() calls it while t < T − t_f; a trainer may torch.compile it on its own (no graph break). A factor
+        without a gradient is skipped, not a crash.
+        """
+        for name, m in self.modules.items():
+            for kind in self.kinds:
+                w = getattr(m, kind)
+                if w.grad is None:
+                    continue
+                if self.Ibar[name][kind].device != w.device:  # the model moved since the last update: follow it
+                    self.Ibar[name][kind] = self.Ibar[name][kind].to(w.device)
+                    self.Ubar[name][kind] = self.Ubar[name][kind].to(w.device)
+                Ibar, Ubar = self.Ibar[name][kind], self.Ubar[name][kind]
+                I = (w.float() * w.grad.float()).abs()  # I = |w · ∂L/∂w|                            (eq. 10)
+                Ibar.copy_(self.beta1 * Ibar + (1 - self.beta1) * I)  # Ī ← β₁Ī + (1−β₁)I           (eq. 11)
+                Ubar.copy_(self.beta2 * Ubar + (1 - self.beta2) * (I - Ibar).abs())  # Ū ← β₂Ū + (1−β₂)|I − Ī|
 
     @torch.no_grad()
     def triplet_scores(self):
         """(L6) S_i = s(λ_i) + (1/k) Σ_j s(P_inner[j, i]) + (1/k) Σ_j s(Q_inner[i, j]), s = Ī · Ū (AdaLoRA eq. 13).
 
-        Returns one vector of b₀ scores, layers in group order (the order of `self.mask`).
+        Returns one fp32 vector of b₀ scores, layers in model order (the order of `rank_pattern`).
         """
+        device = next(iter(self.modules.values())).lambda_.device
         scores = []
-        for key in self.groups:
-            s = {kind: self.ipt[key, kind][0] * self.ipt[key, kind][1] for kind in self.kinds}
-            S = s["lambda_"] + s["P_inner"].mean(1) + s["Q_inner"].mean(2)  # (n, r)
+        for name in self.modules:
+            s = {kind: self.Ibar[name][kind] * self.Ubar[name][kind] for kind in self.kinds}  # s = Ī · Ū
+            S = s["lambda_"] + s["P_inner"].mean(0) + s["Q_inner"].mean(1)  # (r,): s(λ_i) + column / row means
             if self.scored == "all":  # outer factors are shared by all r triplets of a layer: a per-layer constant
-                S = S + (s["P_outer"].mean((1, 2)) + s["Q_outer"].mean((1, 2)))[:, None]
-            scores.append(S.flatten())
+                S = S + s["P_outer"].mean() + s["Q_outer"].mean()
+            scores.append(S.to(device))
         return torch.cat(scores)
 
     @torch.no_grad()
     def _set_mask(self, budget):
         """(L8) keep exactly the `budget` largest S_i over all layers (ties broken by position, never over-pruned)."""
         order = torch.argsort(self.triplet_scores(), descending=True, stable=True)
-        self.mask = torch.zeros_like(self.mask).index_fill_(0, order[:budget], True)  # a scalar fill: no host copy
+        keep = torch.zeros(self.b0, dtype=torch.bool, device=order.device).index_fill_(0, order[:budget], True)
+        for m, kept in zip(self.modules.values(), keep.split([m.r for m in self.modules.values()])):
+            m.lambda_mask.copy_(kept)
 
     @torch.no_grad()
     def _apply_mask(self):
-        """λ_i ← 0 for every λ_i outside the kept set; the kept set is stored in each layer's lambda_mask."""
-        torch._foreach_copy_([m.lambda_mask for m in self._ordered], self.mask.split(self._ranks))
-        keep = self.mask.to(self._ordered[0].lambda_.dtype).split(self._ranks)  # same dtype: one fused launch
-        torch._foreach_mul_([m.lambda_ for m in self._ordered], keep)
+        """λ_i ← 0 for every λ_i outside the kept set (each layer's lambda_mask)."""
+        for m in self.modules.values():
+            m.lambda_.masked_fill_(~m.lambda_mask, 0.0)
 
     def step(self, global_step):
-        """One pruner step: score (L5) while t ≤ T − t_f; every mask_interval steps in the cubic phase keep the b(t)
-        best triplets (L6–L8); in the final phase (t > T − t_f) fix the pattern once and re-apply it every step."""
+        """One pruner step at optimiser step t = global_step (SPEC §4): update the scores (L5) while t < T − t_f;
+        every mask_interval steps in the cubic phase keep the b(t) best triplets (L6–L8); in the final phase
+        (t > T − t_f) fix the pattern once and re-apply it every step. t must exceed the last step (a resumed
+        pruner goes on from the step it saved): a repeated or earlier step would score a step twice or let the
+        pruned rank regrow."""
         t = global_step
-        if self.mask.device != self._ordered[0].lambda_.device:
-            self._to(self._ordered[0].lambda_.device)
+        if not _is_int(t) or t < 0:
+            raise ValueError(f"Pruner.step: global_step must be an integer >= 0, got {t!r}")
+        if self.last_step is not None and t <= self.last_step:
+            raise ValueError(f"Pruner.step({t}): steps must increase; the last one was {self.last_step}")
+        if t < self.T - self.t_f:
+            self.update_scores()
         if t > self.T - self.t_f:
             if not self.final_fixed:
                 self._set_mask(self.bT)
                 self.final_fixed = True
             self._apply_mask()
-        else:
-            self._update_scores()
-            if t > self.t_i and t % self.mask_interval == 0:
-                self._set_mask(self.budget(t))
-                self._apply_mask()
+        elif t > self.t_i and t % self.mask_interval == 0:
+            self._set_mask(self.budget(t))
+            self._apply_mask()
         self.last_step = t
-
-    @property
-    def rank_pattern(self):
-        """{layer name: [kept λ_i]} as set by the last masking (all True before the first one)."""
-        return {name: m.lambda_mask.tolist() for name, m in self.modules.items()}
 
     def stats(self):
         """Entries scored per step, adapter entries, and what AdaLoRA would score for the same layers at the same r."""
@@ -557,23 +566,57 @@ class Pruner:
         return {"scored": scored, "adapter": adapter, "adalora_scored": adalora, "scored_ratio": scored / adapter}
 
     def state_dict(self):
-        """Everything needed to resume exactly: EMA scores, kept set, phase and step."""
-        return {"ipt": [[t.clone() for t in pair] for pair in self.ipt.values()], "mask": self.mask.clone(),
+        """Everything needed to resume exactly: Ī and Ū per layer and factor, the kept sets, phase and step."""
+        return {"Ibar": {name: {kind: t.clone() for kind, t in d.items()} for name, d in self.Ibar.items()},
+                "Ubar": {name: {kind: t.clone() for kind, t in d.items()} for name, d in self.Ubar.items()},
+                "mask": {name: m.lambda_mask.clone() for name, m in self.modules.items()},
                 "final_fixed": self.final_fixed, "last_step": self.last_step, "config": self._config()}
 
+    @torch.no_grad()
     def load_state_dict(self, state):
-        if state["config"] != self._config():
-            raise ValueError(f"Pruner.load_state_dict: the state was saved for {state['config']}, "
+        """Load what state_dict() saved, after checking the configuration, every layer and factor, and every shape."""
+        if state.get("config") != self._config():
+            raise ValueError(f"Pruner.load_state_dict: the state was saved for {state.get('config')}, "
                              f"this pruner has {self._config()}")
-        for pair, saved in zip(self.ipt.values(), state["ipt"]):
-            for dst, src in zip(pair, saved):
-                dst.copy_(src)
-        self.mask.copy_(state["mask"])
-        self.final_fixed, self.last_step = state["final_fixed"], state["last_step"]
+        expected = {name: {kind: getattr(m, kind).shape for kind in self.kinds} for name, m in self.modules.items()}
+        for key in ("Ibar", "Ubar"):
+            saved = state.get(key)
+            if not isinstance(saved, dict) or set(saved) != set(expected):
+                raise ValueError(f"Pruner.load_state_dict: {key!r} must hold the layers {list(expected)}")
+            for name, shapes in expected.items():
+                if not isinstance(saved[name], dict) or set(saved[name]) != set(shapes):
+                    raise ValueError(f"Pruner.load_state_dict: {key}[{name!r}] must hold {list(shapes)}")
+                for kind, shape in shapes.items():
+                    if saved[name][kind].shape != shape:
+                        raise ValueError(f"Pruner.load_state_dict: {key}[{name!r}][{kind!r}] has shape "
+                                         f"{tuple(saved[name][kind].shape)}, expected {tuple(shape)}")
+        masks = state.get("mask")
+        if not isinstance(masks, dict) or set(masks) != set(self.modules):
+            raise ValueError(f"Pruner.load_state_dict: 'mask' must hold the layers {list(self.modules)}")
+        for name, m in self.modules.items():
+            if masks[name].shape != m.lambda_mask.shape or masks[name].dtype != torch.bool:
+                raise ValueError(f"Pruner.load_state_dict: mask[{name!r}] must be a bool tensor of shape ({m.r},), "
+                                 f"got {masks[name].dtype} {tuple(masks[name].shape)}")
+        last, final = state.get("last_step"), state.get("final_fixed")
+        if not (last is None or _is_int(last)) or not isinstance(final, bool):
+            raise ValueError(f"Pruner.load_state_dict: last_step {last!r} / final_fixed {final!r} are not valid")
+        for key, scores in (("Ibar", self.Ibar), ("Ubar", self.Ubar)):
+            for name, m in self.modules.items():
+                for kind in self.kinds:
+                    scores[name][kind] = state[key][name][kind].to(m.lambda_.device, torch.float32, copy=True)
+        for name, m in self.modules.items():
+            m.lambda_mask.copy_(masks[name])
+        self.final_fixed, self.last_step = final, last
 
     def _config(self):
         return dict(layers=list(self.modules), b0=self.b0, bT=self.bT, T=self.T, t_i=self.t_i, t_f=self.t_f,
                     mask_interval=self.mask_interval, beta1=self.beta1, beta2=self.beta2, scored=self.scored)
+
+
+def rank_pattern(model):
+    """{layer name: [kept λ_i, as bool]} from each LoRA2Linear's lambda_mask, as set by the Pruner's last masking
+    (all True before the first one)."""
+    return {name: m.lambda_mask.tolist() for name, m in lora2_modules(model).items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

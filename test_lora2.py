@@ -1,6 +1,7 @@
 """Tests for lora2.py against dense golden references and the identities of SPEC.md (L1)–(L8), §6."""
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -502,13 +503,13 @@ def test_masking_keeps_exactly_b_t_and_freezes_in_final_phase():
 
     def check(t):
         nonzero = sum(m.rank for m in layers)
-        kept = sum(sum(p) for p in pruner.rank_pattern.values())
+        kept = sum(sum(p) for p in lora2.rank_pattern(net).values())
         if ti < t <= T - tf and t % 3 == 0:
             assert nonzero == kept == pruner.budget(t), t
         if t > T - tf:
             assert nonzero == kept == pruner.bT, t
-            seen.setdefault("final", pruner.rank_pattern)
-            assert pruner.rank_pattern == seen["final"]  # the pattern never changes in the final phase
+            seen.setdefault("final", lora2.rank_pattern(net))
+            assert lora2.rank_pattern(net) == seen["final"]  # the pattern never changes in the final phase
             for m in layers:  # and pruned λ stay exactly zero
                 assert torch.all(m.lambda_[~m.lambda_mask] == 0)
     train(net, pruner, T + 1, on_step=check)
@@ -531,7 +532,7 @@ def test_target_rank_equal_to_r_keeps_everything():
     randomise(net)
     pruner = Pruner(net, target_rank=4, total_steps=20, init_warmup=2, final_warmup=5, mask_interval=1)
     train(net, pruner, 20)
-    assert all(all(p) for p in pruner.rank_pattern.values())
+    assert all(all(p) for p in lora2.rank_pattern(net).values())
     assert sum(m.rank for m in lora2.lora2_modules(net).values()) == 32
 
 
@@ -544,7 +545,7 @@ class ReferencePruner:
 
     def step(self, t):
         p, mods = self.p, lora2.lora2_modules(self.net)
-        if t <= p.T - p.t_f:
+        if t < p.T - p.t_f:  # scores are updated only while t < T − t_f (SPEC §4)
             for name, m in mods.items():
                 for kind in ("lambda_", "P_inner", "Q_inner"):
                     w = getattr(m, kind)
@@ -580,7 +581,7 @@ def test_pruner_matches_per_parameter_reference():
         kept = ref.step(t)  # reads the same .grad before the pruner masks λ
         real_step(t)
         if kept is not None:
-            got = {(n, i) for n, pattern in pruner.rank_pattern.items() for i, k in enumerate(pattern) if k}
+            got = {(n, i) for n, pattern in lora2.rank_pattern(net).items() for i, k in enumerate(pattern) if k}
             assert got == kept, t
             checked.append(t)
 
@@ -592,17 +593,18 @@ def test_pruner_matches_per_parameter_reference():
 def test_sensitivities_only_for_lambda_and_inner_factors():
     net = make_net(r=4, k=3)
     pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=1, final_warmup=2, mask_interval=1)
-    assert {kind for _, kind in pruner.ipt} == {"lambda_", "P_inner", "Q_inner"}
-    assert sum(v[0].numel() for v in pruner.ipt.values()) == pruner.stats()["scored"] == 8 * (4 + 2 * 3 * 4)
+    assert all(set(d) == {"lambda_", "P_inner", "Q_inner"} for d in (*pruner.Ibar.values(), *pruner.Ubar.values()))
+    assert sum(t.numel() for d in pruner.Ibar.values() for t in d.values()) == pruner.stats()["scored"] == 8 * (4 + 2 * 3 * 4)
     stats = pruner.stats()
     assert stats["adapter"] == sum(3 * (m.in_features + m.out_features) + 2 * 3 * 4 + 4
                                    for m in lora2.lora2_modules(net).values())
     assert stats["adalora_scored"] == sum(4 * (m.in_features + m.out_features) + 4
                                           for m in lora2.lora2_modules(net).values())
+    pruner.close()
     every = Pruner(net, target_rank=2, total_steps=10, init_warmup=1, final_warmup=2, mask_interval=1, scored="all")
-    assert {kind for _, kind in every.ipt} == {"lambda_", "P_inner", "Q_inner", "P_outer", "Q_outer"}
+    assert all(set(d) == {"lambda_", "P_inner", "Q_inner", "P_outer", "Q_outer"} for d in every.Ibar.values())
     train(net, every, 3)
-    assert all(v[0].abs().sum() > 0 for v in every.ipt.values())
+    assert all(t.abs().sum() > 0 for d in every.Ibar.values() for t in d.values())
 
 
 def test_parameter_without_gradient_is_skipped():
@@ -611,10 +613,8 @@ def test_parameter_without_gradient_is_skipped():
     frozen = net.layers[0].query
     frozen.P_inner.requires_grad_(False)  # never gets a .grad
     train(net, pruner, 4)
-    key = next(k for k, names in pruner.groups.items() if "layers.0.query" in names)
-    row = pruner.groups[key].index("layers.0.query")
-    assert torch.count_nonzero(pruner.ipt[key, "P_inner"][0][row]) == 0
-    assert torch.count_nonzero(pruner.ipt[key, "Q_inner"][0][row]) > 0
+    assert torch.count_nonzero(pruner.Ibar["layers.0.query"]["P_inner"]) == 0
+    assert torch.count_nonzero(pruner.Ibar["layers.0.query"]["Q_inner"]) > 0
 
 
 def test_pruner_validation_errors():
@@ -630,6 +630,7 @@ def test_pruner_validation_errors():
         (dict(target_total=33), r"target_total must be an integer in \[0, 32\]"),
         (dict(scored="outer"), r"scored must be one of"),
         (dict(init_warmup=1.5), r"init_warmup must be an integer >= 0, got 1.5"),
+        (dict(target_rank=True), r"target_rank must be an integer >= 0, got True"),
     ]
     for change, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -638,13 +639,115 @@ def test_pruner_validation_errors():
         Pruner(nn.Linear(3, 3), **ok)
 
 
-def test_warns_when_never_stepped():
+def test_bool_is_not_an_integer():
+    """Issue 10.6: target_rank=True was accepted as 1."""
+    net = make_net(r=4, k=3)
+    ok = dict(target_rank=2, total_steps=10, init_warmup=2, final_warmup=3, mask_interval=1)
+    for key in ("target_rank", "target_total", "mask_interval"):
+        with pytest.raises(ValueError, match=f"{key} must be an integer"):
+            Pruner(net, **{**ok, key: True})
+    with pytest.raises(ValueError, match="r and k must be integers >= 1, got r=True"):
+        LoRA2Linear(nn.Linear(3, 3), r=True)
+
+
+def test_warns_when_never_stepped_and_close_removes_the_hook():
     net = make_net()
-    Pruner(net, target_rank=2, total_steps=10, init_warmup=2, final_warmup=3, mask_interval=1)
+    pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=2, final_warmup=3, mask_interval=1)
     net.train()
     with pytest.warns(UserWarning, match="Pruner.step"):
         for _ in range(100):
             net(torch.randn(1, 2, 12))
+    quiet = Pruner(make_net(), target_rank=2, total_steps=10, init_warmup=2, final_warmup=3, mask_interval=1)
+    quiet.close()
+    quiet.close()  # idempotent
+    pruner.close()
+    assert not net._forward_pre_hooks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(200):
+            net(torch.randn(1, 2, 12))
+
+
+def tensors_in(state):
+    """Every tensor of a nested dict / list state, in a fixed order."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for key in state for t in tensors_in(state[key])]
+    if isinstance(state, (list, tuple)):
+        return [t for value in state for t in tensors_in(value)]
+    return []
+
+
+def map_tensors(state, fn):
+    """The nested state with fn applied to every tensor."""
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    if isinstance(state, dict):
+        return {key: map_tensors(value, fn) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [map_tensors(value, fn) for value in state]
+    return state
+
+
+def test_scores_are_updated_only_while_t_below_T_minus_t_f():
+    """Issue 10.5: scores were updated at t = T − t_f too; AdaLoRA's RankAllocator and PEFT stop at t < T − t_f."""
+    net = make_net(r=4, k=3)
+    T, ti, tf = 12, 2, 4  # T − t_f = 8
+    pruner = Pruner(net, target_rank=1, total_steps=T, init_warmup=ti, final_warmup=tf, mask_interval=3)
+    scores = {}
+    train(net, pruner, T - tf + 2, on_step=lambda t: scores.__setitem__(
+        t, [x.clone() for x in tensors_in(pruner.state_dict()) if x.is_floating_point()]))
+    changed = lambda a, b: any(not torch.equal(x, y) for x, y in zip(scores[a], scores[b]))
+    assert changed(T - tf - 2, T - tf - 1)  # t = 7 < T − t_f: scored
+    assert not changed(T - tf - 1, T - tf), "scores changed at t = T − t_f"
+    assert not changed(T - tf, T - tf + 1)  # the final phase: frozen
+
+
+def test_step_must_increase():
+    """Issue 10.6: Pruner.step accepted decreasing steps, so after the final phase the rank regrew."""
+    net = make_net(r=4, k=3)
+    pruner = Pruner(net, target_rank=1, total_steps=12, init_warmup=2, final_warmup=4, mask_interval=1)
+    train(net, pruner, 12)
+    assert sum(m.rank for m in lora2.lora2_modules(net).values()) == 8
+    for t in (3, 11):
+        with pytest.raises(ValueError, match=rf"Pruner.step\({t}\): steps must increase; the last one was 11"):
+            pruner.step(t)
+    assert sum(m.rank for m in lora2.lora2_modules(net).values()) == 8
+    with pytest.raises(ValueError, match="global_step must be an integer >= 0"):
+        pruner.step(12.0)
+
+
+def test_pruner_follows_a_dtype_change():
+    """Issue 10.6: model.half() after the Pruner was built crashed in the EMA update. Ī and Ū stay fp32."""
+    net = make_net(r=4, k=3)
+    randomise(net)
+    pruner = Pruner(net, target_rank=1, total_steps=12, init_warmup=0, final_warmup=4, mask_interval=1)
+    net.half()
+    g = torch.Generator().manual_seed(0)
+    for p in net.parameters():
+        p.grad = torch.randn(p.shape, generator=g).half() if p.requires_grad else None
+    lam = net.layers[0].query.lambda_
+    expected = (1 - pruner.beta1) * (lam.float() * lam.grad.float()).abs()  # Ī after one update, fp32
+    pruner.step(1)  # scores, then keeps b(1) of the 32 λ
+    assert lam.dtype == torch.float16 and pruner.Ibar["layers.0.query"]["lambda_"].dtype == torch.float32
+    torch.testing.assert_close(pruner.Ibar["layers.0.query"]["lambda_"], expected)
+    assert sum(m.rank for m in lora2.lora2_modules(net).values()) == pruner.budget(1)
+
+
+def test_pruner_load_state_dict_validates_the_state():
+    """Issue 10.6: a truncated state was broadcast into the scores without a word."""
+    net = make_net(r=4, k=3)
+    kw = dict(target_rank=1, total_steps=12, init_warmup=2, final_warmup=4, mask_interval=1)
+    pruner = Pruner(net, **kw)
+    train(net, pruner, 4)
+    state = pruner.state_dict()
+    fresh = Pruner(make_net(r=4, k=3), **kw)
+    with pytest.raises(ValueError, match="shape"):
+        fresh.load_state_dict(map_tensors(state, lambda t: t[:1]))  # every tensor truncated to its first row
+    state["Ibar"].pop("layers.1.down")
+    with pytest.raises(ValueError, match=r"'Ibar' must hold the layers"):
+        fresh.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------------------------- §6, state
@@ -715,23 +818,23 @@ def test_resume_is_bit_identical():
     opt2.load_state_dict(saved["opt"])
     train(resumed, resumed_pruner, T, start=9, opt=opt2)
 
-    assert resumed_pruner.rank_pattern == pruner.rank_pattern
+    assert lora2.rank_pattern(resumed) == lora2.rank_pattern(net)
     for (ka, a), (kb, b) in zip(lora2.adapter_state_dict(resumed).items(), lora2.adapter_state_dict(net).items()):
         assert ka == kb and torch.equal(a, b), ka
-    for a, b in zip(resumed_pruner.state_dict()["ipt"], pruner.state_dict()["ipt"]):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for key in ("Ibar", "Ubar"):
+        for name, scores in pruner.state_dict()[key].items():
+            assert all(torch.equal(resumed_pruner.state_dict()[key][name][kind], t) for kind, t in scores.items())
     with pytest.raises(ValueError, match="state was saved for"):
         Pruner(resumed, **{**kw, "target_rank": 2}).load_state_dict(saved["pruner"])
 
 
 def test_pruner_follows_the_model_to_another_device():
-    """Built before model.to(device) (a common order): its scores and mask move with the layers at the next step."""
+    """Built before model.to(device) (a common order): its scores move with the layers at the next step."""
     net = make_net(r=4, k=3)
     pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=0, final_warmup=2, mask_interval=1)
     net.to("meta")  # the only other device in a CPU-only run; it has shapes and kernels but no data
     for p in net.parameters():
         p.grad = torch.zeros_like(p) if p.requires_grad else None
     pruner.step(1)
-    assert pruner.mask.device.type == "meta"
-    assert all(t.device.type == "meta" for pair in pruner.ipt.values() for t in pair)
-    assert all(row.device.type == "meta" for row in pruner._ibar + pruner._ubar)
+    assert all(m.lambda_mask.device.type == "meta" for m in lora2.lora2_modules(net).values())
+    assert all(t.device.type == "meta" for d in (*pruner.Ibar.values(), *pruner.Ubar.values()) for t in d.values())
