@@ -38,6 +38,7 @@ Not supported: layers other than nn.Linear and GPT-2's Conv1D (no nn.Conv2d, nn.
 shrinking the stored tensors when λ is pruned (use `to_lora` for that); quantised base weights; changing s as the
 rank falls (AdaLoRA keeps s = α / r fixed, and so do we).
 """
+import contextlib
 import json
 import math
 import os
@@ -719,18 +720,52 @@ _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16
                        torch.bool: "BOOL"}
 
 
-def _write_safetensors(tensors, path, metadata=None):
-    """The safetensors format: u64 little-endian header length, a JSON header, then the raw tensor bytes.
+def atomic_write(path, data):
+    """Write `data` to `path` so that `path` is always either its old content or the whole new one.
 
-    The header maps each name to {"dtype", "shape", "data_offsets": [start, end)} in the byte buffer that follows it;
-    the optional "__metadata__" entry holds strings. Tensors are written row-major in the machine's byte order; the
-    format asks for little-endian, which x86-64 and ARM64 are.
+    data: bytes, a str (written as UTF-8) or a callable that writes into the binary file object it is given, e.g.
+    `lambda f: torch.save(obj, f)`. The bytes go to a new temporary file beside `path`, named from the process id and
+    os.urandom and created with O_EXCL (two writers never share one), which is flushed, fsync'ed and os.replace'd over
+    `path`. On any exception the temporary file is removed and the exception re-raised; a previous `path` is untouched.
     """
-    header = {"__metadata__": dict(metadata)} if metadata else {}
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if not (callable(data) or isinstance(data, (bytes, bytearray, memoryview))):
+        raise TypeError(f"atomic_write: data must be bytes, str or a callable taking a file, got {type(data).__name__}")
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(8).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with open(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_safetensors(tensors, path, metadata=None):
+    """Write {name: tensor} to `path` in the safetensors format, atomically (atomic_write).
+
+    The format: u64 little-endian header length, a JSON header, then the raw tensor bytes. The header maps each name to
+    {"dtype", "shape", "data_offsets": [start, end)} in the byte buffer that follows it; the optional "__metadata__"
+    entry maps strings to strings. Tensors are written row-major in the machine's byte order; the format asks for
+    little-endian, which x86-64 and ARM64 are.
+    """
+    metadata = dict(metadata or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError(f"write_safetensors: metadata must map strings to strings, got {metadata!r}")
+    header = {"__metadata__": metadata} if metadata else {}
     chunks, offset = [], 0
     for key, t in tensors.items():
         if t.dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"_write_safetensors: {key!r} has dtype {t.dtype}, not one of {list(_SAFETENSORS_DTYPES)}")
+            raise ValueError(f"write_safetensors: {key!r} has dtype {t.dtype}, not one of {list(_SAFETENSORS_DTYPES)}")
         t = t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)  # own, compact, row-major storage
         data = bytes(t.untyped_storage())
         header[key] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
@@ -739,10 +774,13 @@ def _write_safetensors(tensors, path, metadata=None):
         offset += len(data)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # pad the header to 8 bytes, as the reference writer does
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
-    os.replace(tmp, path)
+
+    def write(f):
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for data in chunks:
+            f.write(data)
+
+    atomic_write(path, write)
 
 
 def save_peft(model, path, base_model_name_or_path=None, modules_to_save=None):
@@ -791,9 +829,6 @@ def save_peft(model, path, base_model_name_or_path=None, modules_to_save=None):
               "bias": "none", "fan_in_fan_out": any(m.fan_in_fan_out for m in adapted.values()),
               "use_rslora": False, "init_lora_weights": True, "inference_mode": True}
     os.makedirs(path, exist_ok=True)
-    _write_safetensors(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
-    tmp = os.path.join(path, "adapter_config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(tmp, os.path.join(path, "adapter_config.json"))
+    write_safetensors(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    atomic_write(os.path.join(path, "adapter_config.json"), json.dumps(config, indent=2))
     return ranks
