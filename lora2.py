@@ -26,17 +26,23 @@ x ↦ (s·P_outer·M)(Q_outer x), so a step costs what a plain LoRA of rank k co
 
 Typical use (the step order of SPEC §4):
 
-    names = inject(model, ["query", "value"], r=8, k=8)
+    names = inject(model, ["query", "value"], r=8, k=8)          # trains the adapters and the HEAD modules only
     pruner = Pruner(model, target_rank=2, total_steps=T, init_warmup=t_i, final_warmup=t_f, mask_interval=10)
     for step in range(T):
-        loss = task_loss(model, batch) + 0.1 * orthogonal_regularizer(model)    # task + γ·R (L3)
+        loss = task_loss(model, batch) + 0.1 * orthogonal_regularizer(model)    # task + γ·R (L3), the paper's γ
         loss.backward(); clip_grad_norm_(...); optimizer.step(); scheduler.step()
         pruner.step(step)                                                       # (L5)–(L8), reads this step's .grad
         optimizer.zero_grad()
+    pruner.close()
+    save_peft(model, "adapter")                                   # a plain PEFT LoRA of rank min(k, r') per layer
+
+The file also holds the project's file helpers, `atomic_write` and `write_safetensors` (torch and stdlib only).
 
 Not supported: layers other than nn.Linear and GPT-2's Conv1D (no nn.Conv2d, nn.Embedding, fused QKV splitting);
 shrinking the stored tensors when λ is pruned (use `to_lora` for that); quantised base weights; changing s as the
-rank falls (AdaLoRA keeps s = α / r fixed, and so do we).
+rank falls (AdaLoRA keeps s = α / r fixed, and so do we); merging a base weight that is tied to another parameter
+(merge refuses); training through merged layers (the forward refuses); torch older than 2.5 (the public state-dict
+hooks).
 """
 import contextlib
 import json
@@ -189,17 +195,21 @@ class LoRA2Linear(nn.Module):
             delta = delta.T  # Conv1D stores (d_in, d_out)
         return (w.float() + sign * delta).to(w.dtype)  # in fp32, cast back to the base's dtype
 
-    @torch.no_grad()
-    def merge(self):
-        """W₀ ← W₀ + s·ΔW in fp32 (SPEC §1). Idempotent; independent of .train()/.eval(). Raises if the base weight is
-        shared with another parameter (`tied_to`)."""
-        if self.merged:
-            return
+    def _refuse_if_tied(self):
+        """Raise, naming both modules, if the base weight is shared with another parameter (`tied_to`)."""
         if self.tied_to:
             modules = ", ".join(repr(n.rpartition(".")[0]) for n in self.tied_to)
             raise ValueError(f"merge: LoRA2Linear {self._label()} shares its weight with {modules} (tied weights): "
                              f"merging would change that module too. Give the layer its own copy of the weight to "
                              f"merge it, or keep it unmerged.")
+
+    @torch.no_grad()
+    def merge(self):
+        """W₀ ← W₀ + s·ΔW (L1) in fp32 (SPEC §1). Idempotent; independent of .train()/.eval(). Raises if the base
+        weight is shared with another parameter (`tied_to`)."""
+        if self.merged:
+            return
+        self._refuse_if_tied()
         B = self.scaling * (self.P_outer @ self.inner())  # (d_out, k) = s · P_outer · M
         A = self.Q_outer.detach().clone()  # (k, d_in) = Q_outer
         self._merged_delta = (B, A)
@@ -232,6 +242,7 @@ class LoRA2Linear(nn.Module):
         return int(torch.count_nonzero(self.lambda_))
 
     def extra_repr(self):
+        """Shapes, r, k, s, and whether the layer is merged, for print(model)."""
         merged = ", merged" if self.merged else ""
         return f"d_in={self.in_features}, d_out={self.out_features}, r={self.r}, k={self.k}, s={self.scaling:g}{merged}"
 
@@ -241,7 +252,7 @@ class LoRA2Linear(nn.Module):
 
 
 def lora2_modules(model):
-    """{name: LoRA2Linear} for every adapted layer of `model`, in module order."""
+    """{name: LoRA2Linear} for every adapted layer of `model` (every W₀ + s·ΔW of (L1)), in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRA2Linear)}
 
 
@@ -269,7 +280,7 @@ def _names(value, what, patterns=False):
 
 
 def inject(model, targets, r=8, k=8, alpha=16, dropout=0.0, trainable=HEAD, init="orthogonal"):
-    """Replace the matching linear layers of `model` by LoRA2Linear in place; return their names.
+    """Replace the matching linear layers of `model` by LoRA2Linear (L1, L2) in place; return their names.
 
     targets: a string or a compiled regex, or a list of them. A string matches a module whose name equals it or ends
     with "." + it; a regex must fullmatch the name. Only nn.Linear (and GPT-2's Conv1D) modules are replaced.
@@ -317,13 +328,14 @@ def _record_names(model):
         names.setdefault(id(p), []).append(pname)
     for name, m in lora2_modules(model).items():
         own = f"{name}.base.weight" if name else "base.weight"
-        m.name, m.tied_to = name, tuple(n for n in names[id(m.base.weight)] if n != own)
+        m.name, m.tied_to = name, tuple(n for n in names.get(id(m.base.weight), ()) if n != own)
 
 
 def count_parameters(model, head=HEAD):
     """{"adapter", "head", "trainable", "total"}: numbers of parameters, a shared tensor counted once. A trainable
     parameter with an entry of `head` among the dotted parts of its name counts as head (as in inject's
-    `trainable`), any other trainable one as adapter; trainable = adapter + head."""
+    `trainable`), any other trainable one as adapter; trainable = adapter + head. Each adapted matrix adds
+    k(d_in + d_out) + 2kr + r adapter parameters (SPEC §1)."""
     head = _names(head, "count_parameters: head")
     counts = dict(adapter=0, head=0, trainable=0, total=0)
     for name, p in model.named_parameters():  # each tensor once, under its first name
@@ -557,7 +569,8 @@ class Pruner:
         self.last_step = t
 
     def stats(self):
-        """Entries scored per step, adapter entries, and what AdaLoRA would score for the same layers at the same r."""
+        """Entries scored per step (2kr + r a layer, SPEC §3), adapter entries, and what AdaLoRA would score for the
+        same layers at the same r."""
         scored = adapter = adalora = 0
         for m in self.modules.values():
             d_in, d_out, r, k = m.in_features, m.out_features, m.r, m.k
@@ -638,8 +651,8 @@ def _mergeable(model):
     _record_names(model)  # ties made after inject (e.g. a later tie_weights()) count too
     modules = lora2_modules(model)
     for m in modules.values():
-        if m.tied_to and not m.merged:
-            m.merge()  # raises, naming both modules
+        if not m.merged:
+            m._refuse_if_tied()
     return modules
 
 

@@ -77,7 +77,7 @@ def test_forward_equals_dense_product(d_in, d_out, r, k):
     assert layer.scaling == 3.0 / r
 
 
-def test_delta_is_zero_at_init_and_only_lambda_gets_gradient_at_step_0():
+def test_delta_is_zero_at_init_and_only_lambda_gets_a_task_gradient_at_step_0():
     for init in lora2.INITS:
         torch.manual_seed(0)
         layer = LoRA2Linear(nn.Linear(6, 5), r=4, k=3, init=init)
@@ -89,6 +89,48 @@ def test_delta_is_zero_at_init_and_only_lambda_gets_gradient_at_step_0():
         for p in (layer.P_outer, layer.P_inner, layer.Q_inner, layer.Q_outer):
             assert torch.count_nonzero(p.grad) == 0
         assert layer.base.weight.grad is None and not layer.base.weight.requires_grad
+
+
+def test_docstrings_say_what_the_code_does():
+    """Issue 10.7: reset_parameters said "only λ receives a gradient" at step 0, which holds for the task loss only
+    (γ·R reaches the factors); Pruner.budget said it fixed eq. 14's typo, as if the authors' code had it (it computes
+    t − t_i, as AdaLoRA's does)."""
+    torch.manual_seed(0)
+    layer = LoRA2Linear(nn.Linear(6, 5), r=4, k=3, init="paper")
+    (layer(torch.randn(8, 6)).pow(2).sum() + 0.1 * lora2.orthogonal_regularizer(layer)).backward()
+    assert all(torch.count_nonzero(p.grad) > 0 for p in (layer.P_outer, layer.P_inner, layer.Q_inner, layer.Q_outer))
+    doc = " ".join(LoRA2Linear.reset_parameters.__doc__.split())
+    assert "task loss gives a gradient to λ only" in doc and "regulariser (L3) still pulls on the four factors" in doc
+    doc = " ".join(Pruner.budget.__doc__.split())
+    assert "typo fixed" not in doc and "as AdaLoRA's and the authors' code compute it, with (t − t_i)" in doc
+
+
+def test_lora2_py_is_torch_and_stdlib_only_without_private_torch_api():
+    """The copy-paste file's rules (issue 9): torch plus a short list of stdlib modules; no print; no torch._* (the
+    earlier Pruner used torch._foreach_*); the module docstring opens with the paper, ΔW, shapes, names, limits."""
+    import ast
+    import inspect
+    source = inspect.getsource(lora2)
+    tree = ast.parse(source)
+    allowed = {"math", "dataclasses", "typing", "re", "json", "os", "warnings", "logging", "collections", "itertools",
+               "functools", "contextlib", "pathlib", "__future__", "fnmatch", "struct", "torch"}
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= allowed, imported - allowed
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == "print"]
+    private = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_")
+               and ast.unparse(n.value).split(".")[0] in ("torch", "F", "nn") and not n.attr.startswith("__")]
+    assert not private, private
+    doc = ast.get_docstring(tree)
+    for part in ("arXiv 2408.06854", "ΔW = P · diag(λ) · Q", "k × d_in", "lora_A", "lora_B", "lora_E", "lora_aa",
+                 "lora_bb", "Not supported"):
+        assert part in doc, part
+    for name, obj in vars(lora2).items():
+        if not name.startswith("_") and getattr(obj, "__module__", None) == "lora2" and callable(obj):
+            assert obj.__doc__, name
+            for attr, member in vars(obj).items() if isinstance(obj, type) else ():
+                if not attr.startswith("_") and callable(getattr(member, "__func__", member)):
+                    assert getattr(member, "__doc__", None), f"{name}.{attr}"
 
 
 def test_inits():
@@ -283,11 +325,22 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_dropout_only_on_the_adapter_path():
+    """In training mode, with λ ≠ 0: h = W₀x + b + s·ΔW·drop(x), the base path sees x itself (issue 9: the old test ran
+    in eval() with λ = 0, where any dropout placement passed)."""
     torch.manual_seed(0)
-    layer = LoRA2Linear(nn.Linear(6, 4), r=2, k=2, dropout=0.5)
+    layer = LoRA2Linear(nn.Linear(6, 4), r=2, k=2, dropout=0.5).train()
+    randomise(nn.ModuleList([layer]))
+    W0, b = layer.base.weight.detach().double(), layer.base.bias.detach().double()
     x = torch.randn(3, 6)
-    layer.eval()
-    assert torch.equal(layer(x), layer.base(x))  # λ = 0: dropout cannot leak into the base path
+    torch.manual_seed(1)
+    y = layer(x)
+    torch.manual_seed(1)
+    dropped = F.dropout(x, 0.5, training=True)  # the same mask: one Bernoulli draw of x's shape
+    assert not torch.equal(dropped, x)
+    expected = x.double() @ W0.T + b + dropped.double() @ dense_delta(layer).T
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    layer.eval()  # no dropout at all
+    torch.testing.assert_close(layer(x).double(), x.double() @ (W0 + dense_delta(layer)).T + b, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------- inject
@@ -749,6 +802,36 @@ def test_pruner_load_state_dict_validates_the_state():
     state["Ibar"].pop("layers.1.down")
     with pytest.raises(ValueError, match=r"'Ibar' must hold the layers"):
         fresh.load_state_dict(state)
+
+
+def test_compiles_without_graph_breaks_or_recompiles():
+    """Issue 11: the forward (the Pruner's pre-hook active, training mode), the regulariser and the Pruner's scoring
+    each compile to one graph, checked with torch._dynamo.explain (its backend needs no compiler); calling the compiled
+    model again does not recompile (a Python counter in the pre-hook did, at every call)."""
+    net = make_net()
+    randomise(net)
+    pruner = Pruner(net, target_rank=1, total_steps=20, init_warmup=2, final_warmup=4, mask_interval=2)
+    model = nn.Sequential(net).train()  # compiled from outside, so the pre-hook on `net` is traced inline
+    x = torch.randn(2, 5, 12)
+
+    def one_graph(fn, *args):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(fn)(*args)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+    try:
+        one_graph(model, x)
+        one_graph(lambda: lora2.orthogonal_regularizer(net, cross=0.1))
+        model(x).sum().backward()
+        one_graph(pruner.update_scores)
+        graphs = []
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+        for _ in range(3):
+            compiled(x)
+        assert len(graphs) == 1, f"{len(graphs)} graphs for 3 calls: recompiled"
+    finally:
+        torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------------------------------------------------------- §6, state
