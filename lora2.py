@@ -210,8 +210,8 @@ class LoRA2Linear(nn.Module):
         if self.merged:
             return
         self._refuse_if_tied()
-        B = self.scaling * (self.P_outer @ self.inner())  # (d_out, k) = s · P_outer · M
-        A = self.Q_outer.detach().clone()  # (k, d_in) = Q_outer
+        B = self.scaling * (self.P_outer.float() @ self.inner().float())  # (d_out, k) = s · P_outer · M, fp32
+        A = self.Q_outer.to(torch.float32, copy=True)  # (k, d_in) = Q_outer, fp32
         self._merged_delta = (B, A)
         self.base.weight.copy_(self._weight_with_merged_delta(+1.0))  # W₀ + s·ΔW
 
@@ -465,7 +465,9 @@ class Pruner:
         self._hook = model.register_forward_pre_hook(self._check_called)
 
     def _zeros(self, m):
-        return {kind: torch.zeros(getattr(m, kind).shape, device=m.lambda_.device) for kind in self.kinds}
+        """{scored factor: fp32 zeros of its shape} for layer m: Ī or Ū before the first update."""
+        return {kind: torch.zeros(getattr(m, kind).shape, dtype=torch.float32, device=m.lambda_.device)
+                for kind in self.kinds}
 
     def _check_called(self, model, args):
         """A pruner never stepped silently leaves an unpruned factorised LoRA (SPEC §4): warn once, after 100
@@ -511,9 +513,9 @@ class Pruner:
                     self.Ibar[name][kind] = self.Ibar[name][kind].to(w.device)
                     self.Ubar[name][kind] = self.Ubar[name][kind].to(w.device)
                 Ibar, Ubar = self.Ibar[name][kind], self.Ubar[name][kind]
-                I = (w.float() * w.grad.float()).abs()  # I = |w · ∂L/∂w|                            (eq. 10)
-                Ibar.copy_(self.beta1 * Ibar + (1 - self.beta1) * I)  # Ī ← β₁Ī + (1−β₁)I           (eq. 11)
-                Ubar.copy_(self.beta2 * Ubar + (1 - self.beta2) * (I - Ibar).abs())  # Ū ← β₂Ū + (1−β₂)|I − Ī|
+                I = (w.float() * w.grad.float()).abs_()  # I = |w · ∂L/∂w|                        (eq. 10)
+                Ibar.lerp_(I, 1 - self.beta1)  # Ī ← β₁Ī + (1−β₁)I, in place                       (eq. 11)
+                Ubar.lerp_((I - Ibar).abs_(), 1 - self.beta2)  # Ū ← β₂Ū + (1−β₂)|I − Ī|           (eq. 12)
 
     @torch.no_grad()
     def triplet_scores(self):
@@ -543,7 +545,7 @@ class Pruner:
     def _apply_mask(self):
         """λ_i ← 0 for every λ_i outside the kept set (each layer's lambda_mask)."""
         for m in self.modules.values():
-            m.lambda_.masked_fill_(~m.lambda_mask, 0.0)
+            m.lambda_.mul_(m.lambda_mask)  # λ_i ← λ_i · [i kept]
 
     def step(self, global_step):
         """One pruner step at optimiser step t = global_step (SPEC §4): update the scores (L5) while t < T − t_f;
