@@ -156,7 +156,7 @@ def test_safetensors_writer_is_read_by_the_safetensors_package(tmp_path):
         "scalar": torch.tensor(1.5),
     }
     path = tmp_path / "t.safetensors"
-    lora2._write_safetensors(tensors, path, metadata={"format": "pt"})
+    lora2.write_safetensors(tensors, path, metadata={"format": "pt"})
     loaded = st.load_file(path)
     assert set(loaded) == set(tensors)
     for key, t in tensors.items():
@@ -165,11 +165,11 @@ def test_safetensors_writer_is_read_by_the_safetensors_package(tmp_path):
         assert f.metadata() == {"format": "pt"}
     assert len(path.read_bytes()[8:8 + int.from_bytes(path.read_bytes()[:8], "little")]) % 8 == 0  # padded header
 
-    lora2._write_safetensors({}, tmp_path / "empty.safetensors")  # no tensor at all
+    lora2.write_safetensors({}, tmp_path / "empty.safetensors")  # no tensor at all
     assert st.load_file(tmp_path / "empty.safetensors") == {}
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
     with pytest.raises(ValueError, match=r"'c' has dtype torch.complex64, not one of"):
-        lora2._write_safetensors({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.safetensors")
+        lora2.write_safetensors({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------------------ save_peft

@@ -1,6 +1,8 @@
 """Tests for lora2.py against dense golden references and the identities of SPEC.md (L1)–(L8), §6."""
 import math
+import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -75,7 +77,7 @@ def test_forward_equals_dense_product(d_in, d_out, r, k):
     assert layer.scaling == 3.0 / r
 
 
-def test_delta_is_zero_at_init_and_only_lambda_gets_gradient_at_step_0():
+def test_delta_is_zero_at_init_and_only_lambda_gets_a_task_gradient_at_step_0():
     for init in lora2.INITS:
         torch.manual_seed(0)
         layer = LoRA2Linear(nn.Linear(6, 5), r=4, k=3, init=init)
@@ -87,6 +89,49 @@ def test_delta_is_zero_at_init_and_only_lambda_gets_gradient_at_step_0():
         for p in (layer.P_outer, layer.P_inner, layer.Q_inner, layer.Q_outer):
             assert torch.count_nonzero(p.grad) == 0
         assert layer.base.weight.grad is None and not layer.base.weight.requires_grad
+
+
+def test_docstrings_say_what_the_code_does():
+    """Issue 10.7: reset_parameters said "only λ receives a gradient" at step 0, which holds for the task loss only
+    (γ·R reaches the factors); Pruner.budget said it fixed eq. 14's typo, as if the authors' code had it (it computes
+    t − t_i, as AdaLoRA's does)."""
+    torch.manual_seed(0)
+    layer = LoRA2Linear(nn.Linear(6, 5), r=4, k=3, init="paper")
+    (layer(torch.randn(8, 6)).pow(2).sum() + 0.1 * lora2.orthogonal_regularizer(layer)).backward()
+    assert all(torch.count_nonzero(p.grad) > 0 for p in (layer.P_outer, layer.P_inner, layer.Q_inner, layer.Q_outer))
+    doc = " ".join(LoRA2Linear.reset_parameters.__doc__.split())
+    assert "task loss gives a gradient to λ only" in doc and "regulariser (L3) still pulls on the four factors" in doc
+    doc = " ".join(Pruner.budget.__doc__.split())
+    assert "typo fixed" not in doc and "as AdaLoRA's and the authors' code compute it, with (t − t_i)" in doc
+
+
+def test_lora2_py_is_torch_and_stdlib_only_without_private_torch_api():
+    """The copy-paste file's rules (issue 9): torch plus a short list of stdlib modules; no print; no torch._* (the
+    earlier Pruner used torch._foreach_*); the module docstring opens with the paper, ΔW, shapes, names, limits."""
+    import ast
+    import inspect
+    source = inspect.getsource(lora2)
+    tree = ast.parse(source)
+    allowed = {"math", "dataclasses", "typing", "re", "json", "os", "warnings", "logging", "collections", "itertools",
+               "functools", "contextlib", "pathlib", "__future__", "fnmatch", "struct", "torch"}
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= allowed, imported - allowed
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == "print"]
+    private = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_")
+               and ast.unparse(n.value).split(".")[0] in ("torch", "F", "nn") and not n.attr.startswith("__")]
+    assert not private, private
+    doc = ast.get_docstring(tree)
+    for part in ("arXiv 2408.06854", "ΔW = P · diag(λ) · Q", "k × d_in", "lora_A", "lora_B", "lora_E", "lora_aa",
+                 "lora_bb", "Not supported"):
+        assert part in doc, part
+    for name, obj in vars(lora2).items():
+        if not name.startswith("_") and getattr(obj, "__module__", None) == "lora2" and callable(obj):
+            assert obj.__doc__, name
+            for attr, member in vars(obj).items() if isinstance(obj, type) else ():
+                if not attr.startswith("_") and callable(getattr(member, "__func__", member)):
+                    assert getattr(member, "__doc__", None), f"{name}.{attr}"
 
 
 def test_inits():
@@ -142,6 +187,107 @@ def test_merge_on_non_square_layer_uses_the_matrix_product():
     torch.testing.assert_close(layer.base.weight.double(), W0 + dense_delta(layer), rtol=1e-5, atol=1e-5)
 
 
+def test_unmerge_removes_what_merge_added_after_lambda_changed():
+    """Issue 10.1: unmerge() subtracted the *current* ΔW, so a λ change between merge() and unmerge() (a Pruner step in
+    the final phase, a manual edit) left W₀ wrong for good."""
+    net = make_net()
+    randomise(net)
+    layers = lora2.lora2_modules(net)
+    W0 = {n: m.base.weight.detach().clone() for n, m in layers.items()}
+    pruner = Pruner(net, target_rank=1, total_steps=10, init_warmup=1, final_warmup=3, mask_interval=1)
+    lora2.merge(net)
+    with torch.no_grad():
+        net.layers[0].query.lambda_.mul_(3.0)  # a manual edit
+    pruner.step(9)  # the final phase: keeps b_T = 8 of the 32 λ and zeroes the others
+    assert sum(m.rank for m in layers.values()) == 8
+    lora2.unmerge(net)
+    for n, m in layers.items():
+        torch.testing.assert_close(m.base.weight, W0[n], rtol=0, atol=1e-5, msg=n)  # fp32 rounding of (W₀ + δ) − δ
+    net.eval()
+    x = torch.randn(2, 5, 12)
+    y = net(x)  # W₀ + today's adapter
+    lora2.merge(net)
+    torch.testing.assert_close(net(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_training_forward_through_a_merged_layer_raises():
+    """Issue 10.1: training a merged model silently trained nothing (the adapter is off the autograd path)."""
+    net = make_net()
+    randomise(net)
+    lora2.merge(net)
+    x = torch.randn(2, 5, 12)
+    net.train()
+    with pytest.raises(RuntimeError, match=r"LoRA2Linear 'layers\.0\.query' is merged: a training forward would train"):
+        net(x)
+    with torch.no_grad():
+        net(x)  # inference in train mode is fine
+    net.eval()
+    net(x).sum().backward()  # and so is an eval-mode forward (e.g. training only the head on a merged model)
+    assert net.classifier.weight.grad is not None and net.layers[0].query.lambda_.grad is None
+
+
+def test_state_dict_of_a_merged_model_holds_W0_and_loading_into_a_merged_model_is_refused():
+    """Issue 10.1: a merged model's state_dict loaded into an unmerged one counted ΔW twice, and loading into a merged
+    model left a weight that matched neither adapter."""
+    net = make_net()
+    randomise(net)
+    net.eval()
+    x = torch.randn(2, 5, 12)
+    y = net(x)
+    unmerged_state = {key: value.clone() for key, value in net.state_dict().items()}  # state_dict() shares storage
+    lora2.merge(net)
+    merged_state = net.state_dict()
+    for key, value in unmerged_state.items():  # W₀, not W₀ + s·ΔW (up to fp32 rounding of (W₀ + δ) − δ)
+        torch.testing.assert_close(merged_state[key], value, rtol=0, atol=1e-5, msg=key)
+    other = make_net(seed=3).eval()
+    other.load_state_dict(merged_state)
+    torch.testing.assert_close(other(x), y, rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(RuntimeError, match=r"LoRA2Linear 'layers\.0\.query' is merged; call lora2\.unmerge\(model\)"):
+        net.load_state_dict(make_net(seed=4).state_dict())
+    with pytest.raises(RuntimeError, match=r"load_adapter_state_dict: 8 layers are merged .*unmerge"):
+        lora2.load_adapter_state_dict(net, lora2.adapter_state_dict(make_net(seed=4)))
+    net.classifier.load_state_dict(make_net(seed=4).classifier.state_dict())  # other modules still load
+    lora2.unmerge(net)
+    torch.testing.assert_close(net.layers[1].down.base.weight, unmerged_state["layers.1.down.base.weight"], rtol=0,
+                               atol=1e-5)
+
+
+class TiedLM(nn.Module):
+    """GPT-2's weight tying: the output layer is the embedding matrix."""
+
+    def __init__(self, vocab=11, d=8):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids):
+        return self.lm_head(self.wte(ids))
+
+
+def test_merging_a_tied_weight_is_refused():
+    """Issue 10.2: merging lm_head, whose weight is GPT-2's wte, also changed the embedding."""
+    torch.manual_seed(0)
+    lm = TiedLM()
+    lora2.inject(lm, "lm_head", r=2, k=2)
+    randomise(lm)
+    lm.eval()
+    ids = torch.randint(0, 11, (2, 5))
+    y, embedding = lm(ids), lm.wte.weight.detach().clone()
+    for merge in (lora2.merge, lora2.merge_and_unload, lambda model: model.lm_head.merge()):
+        with pytest.raises(ValueError, match=r"LoRA2Linear 'lm_head' shares its weight with 'wte' \(tied weights\)"):
+            merge(lm)
+        assert torch.equal(lm.wte.weight, embedding) and not lm.lm_head.merged
+    torch.testing.assert_close(lm(ids), y)
+
+    untied = nn.ModuleDict(dict(wte=nn.Embedding(11, 8), lm_head=nn.Linear(8, 11, bias=False)))
+    lora2.inject(untied, "lm_head", r=2, k=2)
+    untied.lm_head.base.weight = untied.wte.weight  # tied after inject: merge(model) looks again
+    with pytest.raises(ValueError, match="'lm_head' shares its weight with 'wte'"):
+        lora2.merge(untied)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_base(dtype):
     torch.manual_seed(0)
@@ -160,7 +306,8 @@ def test_half_precision_base(dtype):
     torch.testing.assert_close(z.float(), ref(x), rtol=0.05, atol=0.1)
     half.merge()  # merge in fp32, cast back
     assert half.base.weight.dtype == dtype
-    torch.testing.assert_close(half(x.to(dtype)).float(), ref(x), rtol=0.05, atol=0.1)
+    with torch.no_grad():
+        torch.testing.assert_close(half(x.to(dtype)).float(), ref(x), rtol=0.05, atol=0.1)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -180,11 +327,22 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_dropout_only_on_the_adapter_path():
+    """In training mode, with λ ≠ 0: h = W₀x + b + s·ΔW·drop(x), the base path sees x itself (issue 9: the old test ran
+    in eval() with λ = 0, where any dropout placement passed)."""
     torch.manual_seed(0)
-    layer = LoRA2Linear(nn.Linear(6, 4), r=2, k=2, dropout=0.5)
+    layer = LoRA2Linear(nn.Linear(6, 4), r=2, k=2, dropout=0.5).train()
+    randomise(nn.ModuleList([layer]))
+    W0, b = layer.base.weight.detach().double(), layer.base.bias.detach().double()
     x = torch.randn(3, 6)
-    layer.eval()
-    assert torch.equal(layer(x), layer.base(x))  # λ = 0: dropout cannot leak into the base path
+    torch.manual_seed(1)
+    y = layer(x)
+    torch.manual_seed(1)
+    dropped = F.dropout(x, 0.5, training=True)  # the same mask: one Bernoulli draw of x's shape
+    assert not torch.equal(dropped, x)
+    expected = x.double() @ W0.T + b + dropped.double() @ dense_delta(layer).T
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    layer.eval()  # no dropout at all
+    torch.testing.assert_close(layer(x).double(), x.double() @ (W0 + dense_delta(layer)).T + b, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------- inject
@@ -205,6 +363,42 @@ def test_inject_matching_freezing_and_errors():
         lora2.inject(net, [])
     with pytest.raises(ValueError, match="no linear layer matches"):
         lora2.inject(Net(), "ery")  # "ery" is not a whole dotted suffix of "layers.0.query"
+
+
+def test_inject_trainable_accepts_a_string_and_both_arguments_are_validated():
+    """Issue 10.3: trainable="classifier" iterated the string's characters and unfroze nearly the whole model."""
+    torch.manual_seed(0)
+    net = Net()
+    names = lora2.inject(net, "query", r=2, k=2, trainable="classifier")
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.{f}" for n in names for f in lora2.ADAPTER_KEYS[:5]} | {"classifier.weight",
+                                                                                     "classifier.bias"}
+    for bad in (5, None, [1], [""], b"query", ["query", re.compile("x")]):
+        with pytest.raises(TypeError, match=r"inject: trainable must be a non-empty string, or a list of them"):
+            lora2.inject(Net(), "value", trainable=bad)
+    for bad in (5, None, [3], "", b"value"):
+        with pytest.raises(TypeError, match=r"inject: targets must be a non-empty string or compiled regex"):
+            lora2.inject(Net(), bad)
+
+
+def test_trainable_and_head_match_whole_name_parts():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.classifier_dropout = nn.Linear(2, 2)  # not a "classifier" part
+            self.pooler = nn.Linear(2, 2)
+            self.body = nn.Linear(2, 2)
+
+    net = Head()
+    lora2.inject(net, "body", r=1, k=1)  # default trainable=HEAD
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == {
+        "pooler.weight", "pooler.bias", *(f"body.{f}" for f in lora2.ADAPTER_KEYS[:5])}
+    counts = lora2.count_parameters(net)
+    adapter = 1 * (2 + 2) + 2 * 1 * 1 + 1  # k(d_in + d_out) + 2kr + r
+    assert counts == {"adapter": adapter, "head": 6, "trainable": adapter + 6, "total": adapter + 18}
+    assert lora2.count_parameters(net, head="body")["head"] == adapter  # the adapters are under "body"
+    lm = TiedLM()
+    assert lora2.count_parameters(lm)["total"] == 11 * 8  # a tied tensor counted once
 
 
 def test_layer_validation_errors():
@@ -239,27 +433,59 @@ def test_parameter_count_formula_and_paper_figures():
     for k, expected in ((8, 1_336_896), (1, 167_616)):
         model = DebertaV3BaseShapes()
         assert len(lora2.inject(model, targets, r=8, k=k, init="paper")) == 72
-        assert lora2.count_parameters(model)[0] == expected  # SPEC §1: the paper's 0.72 % and 0.17M
+        counts = lora2.count_parameters(model)
+        assert counts["adapter"] == counts["trainable"] == expected  # SPEC §1: the paper's 0.72 % and 0.17M
+        backbone = 12 * (4 * (768 * 768 + 768) + 2 * 768 * 3072 + 3072 + 768)  # the frozen weights and biases
+        assert counts["head"] == 0 and counts["total"] == expected + backbone
 
 
 # ---------------------------------------------------------------------------------------------------------------- L3, L4
 
+def dense_regularizer(net, cross=0.0, squared=False):
+    """(L3) + cross · (L4) of SPEC §2 written out layer by layer in float64: the golden reference."""
+    layers = list(lora2.lora2_modules(net).values())
+    norm = (lambda x: x.pow(2).sum()) if squared else torch.linalg.norm  # ‖·‖²_F or ‖·‖_F
+
+    def deviation(f):  # G(F) − I, G on the smaller dimension
+        f = f.detach().double()
+        g = f.T @ f if f.shape[0] >= f.shape[1] else f @ f.T
+        return g - torch.eye(g.shape[0], dtype=torch.float64)
+
+    r_int = sum(norm(deviation(getattr(m, f))) for m in layers for f in lora2.FACTORS)
+    r_int = r_int / (len(layers) if squared else 4 * len(layers))  # m = 4 · layers; squared: mean of per-layer sums
+    square = [m for m in layers if m.in_features == m.out_features]
+    r_ext = sum(norm(m.Q_outer.detach().double() @ m.P_outer.detach().double()) for m in square) / len(square)
+    return r_int + cross * r_ext
+
+
 def test_orthogonal_regularizer():
     torch.manual_seed(0)
     net = make_net(r=2, k=3)  # orthogonal init: every factor has orthonormal rows or columns
-    assert lora2.orthogonal_regularizer(net).item() < 1e-10
-    with torch.no_grad():
-        for m in lora2.lora2_modules(net).values():
-            m.P_outer.mul_(2.0)  # PᵀP = 4I: ‖4I − I‖² = 9·k per layer
-    torch.testing.assert_close(lora2.orthogonal_regularizer(net), torch.tensor(27.0))
+    assert lora2.orthogonal_regularizer(net).item() < 1e-6
+    assert lora2.orthogonal_regularizer(net, squared=True).item() < 1e-10
     randomise(net)
+    for cross in (0.0, 0.5):
+        for squared in (False, True):
+            got = lora2.orthogonal_regularizer(net, cross=cross, squared=squared)
+            torch.testing.assert_close(got.double(), dense_regularizer(net, cross, squared), rtol=1e-5, atol=0)
     reg = lora2.orthogonal_regularizer(net, cross=0.5)
-    assert reg > 0
     reg.backward()
     for m in lora2.lora2_modules(net).values():
         for f in (m.P_outer, m.P_inner, m.Q_inner, m.Q_outer):
             assert f.grad is not None and f.grad.abs().sum() > 0
         assert m.lambda_.grad is None
+
+
+def test_regularizer_default_is_the_unsquared_frobenius_norm_averaged_over_matrices():
+    """Issue 10.4: (L3) was a squared per-layer sum; the code behind the paper's γ (AdaLoRA, PEFT, the authors) uses
+    (1/m) Σ ‖G − I‖_F over the m = 4 · layers matrices (SPEC §2). The squared form stays behind squared=True."""
+    torch.manual_seed(0)
+    net = make_net(r=2, k=3)
+    with torch.no_grad():
+        for m in lora2.lora2_modules(net).values():
+            m.P_outer.mul_(2.0)  # P_outerᵀP_outer = 4·I_3: ‖3·I_3‖_F = 3√3, the other three factors stay orthogonal
+    torch.testing.assert_close(lora2.orthogonal_regularizer(net), torch.tensor(3 * math.sqrt(3) / 4))  # 8·3√3 / 32
+    torch.testing.assert_close(lora2.orthogonal_regularizer(net, squared=True), torch.tensor(27.0))  # ‖3·I_3‖²_F
 
 
 def test_external_regularizer_only_on_square_layers():
@@ -270,7 +496,7 @@ def test_external_regularizer_only_on_square_layers():
     square = [m for m in layers.values() if m.in_features == m.out_features]
     assert len(square) == 4 and len(layers) == 8
     r_int = lora2.orthogonal_regularizer(net)
-    r_ext = torch.stack([(m.Q_outer @ m.P_outer).pow(2).sum() for m in square]).mean()  # (L4) by hand
+    r_ext = torch.stack([torch.linalg.norm(m.Q_outer @ m.P_outer) for m in square]).mean()  # (L4) by hand
     torch.testing.assert_close(lora2.orthogonal_regularizer(net, cross=0.3), r_int + 0.3 * r_ext)
     torch.manual_seed(0)
     wide = nn.Sequential(nn.Linear(4, 6))
@@ -333,13 +559,13 @@ def test_masking_keeps_exactly_b_t_and_freezes_in_final_phase():
 
     def check(t):
         nonzero = sum(m.rank for m in layers)
-        kept = sum(sum(p) for p in pruner.rank_pattern.values())
+        kept = sum(sum(p) for p in lora2.rank_pattern(net).values())
         if ti < t <= T - tf and t % 3 == 0:
             assert nonzero == kept == pruner.budget(t), t
         if t > T - tf:
             assert nonzero == kept == pruner.bT, t
-            seen.setdefault("final", pruner.rank_pattern)
-            assert pruner.rank_pattern == seen["final"]  # the pattern never changes in the final phase
+            seen.setdefault("final", lora2.rank_pattern(net))
+            assert lora2.rank_pattern(net) == seen["final"]  # the pattern never changes in the final phase
             for m in layers:  # and pruned λ stay exactly zero
                 assert torch.all(m.lambda_[~m.lambda_mask] == 0)
     train(net, pruner, T + 1, on_step=check)
@@ -362,7 +588,7 @@ def test_target_rank_equal_to_r_keeps_everything():
     randomise(net)
     pruner = Pruner(net, target_rank=4, total_steps=20, init_warmup=2, final_warmup=5, mask_interval=1)
     train(net, pruner, 20)
-    assert all(all(p) for p in pruner.rank_pattern.values())
+    assert all(all(p) for p in lora2.rank_pattern(net).values())
     assert sum(m.rank for m in lora2.lora2_modules(net).values()) == 32
 
 
@@ -375,7 +601,7 @@ class ReferencePruner:
 
     def step(self, t):
         p, mods = self.p, lora2.lora2_modules(self.net)
-        if t <= p.T - p.t_f:
+        if t < p.T - p.t_f:  # scores are updated only while t < T − t_f (SPEC §4)
             for name, m in mods.items():
                 for kind in ("lambda_", "P_inner", "Q_inner"):
                     w = getattr(m, kind)
@@ -411,7 +637,7 @@ def test_pruner_matches_per_parameter_reference():
         kept = ref.step(t)  # reads the same .grad before the pruner masks λ
         real_step(t)
         if kept is not None:
-            got = {(n, i) for n, pattern in pruner.rank_pattern.items() for i, k in enumerate(pattern) if k}
+            got = {(n, i) for n, pattern in lora2.rank_pattern(net).items() for i, k in enumerate(pattern) if k}
             assert got == kept, t
             checked.append(t)
 
@@ -423,17 +649,19 @@ def test_pruner_matches_per_parameter_reference():
 def test_sensitivities_only_for_lambda_and_inner_factors():
     net = make_net(r=4, k=3)
     pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=1, final_warmup=2, mask_interval=1)
-    assert {kind for _, kind in pruner.ipt} == {"lambda_", "P_inner", "Q_inner"}
-    assert sum(v[0].numel() for v in pruner.ipt.values()) == pruner.stats()["scored"] == 8 * (4 + 2 * 3 * 4)
+    assert all(set(d) == {"lambda_", "P_inner", "Q_inner"} for d in (*pruner.Ibar.values(), *pruner.Ubar.values()))
+    tracked = sum(t.numel() for d in pruner.Ibar.values() for t in d.values())
+    assert tracked == pruner.stats()["scored"] == 8 * (4 + 2 * 3 * 4)
     stats = pruner.stats()
     assert stats["adapter"] == sum(3 * (m.in_features + m.out_features) + 2 * 3 * 4 + 4
                                    for m in lora2.lora2_modules(net).values())
     assert stats["adalora_scored"] == sum(4 * (m.in_features + m.out_features) + 4
                                           for m in lora2.lora2_modules(net).values())
+    pruner.close()
     every = Pruner(net, target_rank=2, total_steps=10, init_warmup=1, final_warmup=2, mask_interval=1, scored="all")
-    assert {kind for _, kind in every.ipt} == {"lambda_", "P_inner", "Q_inner", "P_outer", "Q_outer"}
+    assert all(set(d) == {"lambda_", "P_inner", "Q_inner", "P_outer", "Q_outer"} for d in every.Ibar.values())
     train(net, every, 3)
-    assert all(v[0].abs().sum() > 0 for v in every.ipt.values())
+    assert all(t.abs().sum() > 0 for d in every.Ibar.values() for t in d.values())
 
 
 def test_parameter_without_gradient_is_skipped():
@@ -442,10 +670,8 @@ def test_parameter_without_gradient_is_skipped():
     frozen = net.layers[0].query
     frozen.P_inner.requires_grad_(False)  # never gets a .grad
     train(net, pruner, 4)
-    key = next(k for k, names in pruner.groups.items() if "layers.0.query" in names)
-    row = pruner.groups[key].index("layers.0.query")
-    assert torch.count_nonzero(pruner.ipt[key, "P_inner"][0][row]) == 0
-    assert torch.count_nonzero(pruner.ipt[key, "Q_inner"][0][row]) > 0
+    assert torch.count_nonzero(pruner.Ibar["layers.0.query"]["P_inner"]) == 0
+    assert torch.count_nonzero(pruner.Ibar["layers.0.query"]["Q_inner"]) > 0
 
 
 def test_pruner_validation_errors():
@@ -461,6 +687,7 @@ def test_pruner_validation_errors():
         (dict(target_total=33), r"target_total must be an integer in \[0, 32\]"),
         (dict(scored="outer"), r"scored must be one of"),
         (dict(init_warmup=1.5), r"init_warmup must be an integer >= 0, got 1.5"),
+        (dict(target_rank=True), r"target_rank must be an integer >= 0, got True"),
     ]
     for change, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -469,13 +696,145 @@ def test_pruner_validation_errors():
         Pruner(nn.Linear(3, 3), **ok)
 
 
-def test_warns_when_never_stepped():
+def test_bool_is_not_an_integer():
+    """Issue 10.6: target_rank=True was accepted as 1."""
+    net = make_net(r=4, k=3)
+    ok = dict(target_rank=2, total_steps=10, init_warmup=2, final_warmup=3, mask_interval=1)
+    for key in ("target_rank", "target_total", "mask_interval"):
+        with pytest.raises(ValueError, match=f"{key} must be an integer"):
+            Pruner(net, **{**ok, key: True})
+    with pytest.raises(ValueError, match="r and k must be integers >= 1, got r=True"):
+        LoRA2Linear(nn.Linear(3, 3), r=True)
+
+
+def test_warns_when_never_stepped_and_close_removes_the_hook():
     net = make_net()
-    Pruner(net, target_rank=2, total_steps=10, init_warmup=2, final_warmup=3, mask_interval=1)
+    pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=2, final_warmup=3, mask_interval=1)
     net.train()
     with pytest.warns(UserWarning, match="Pruner.step"):
         for _ in range(100):
             net(torch.randn(1, 2, 12))
+    quiet = Pruner(make_net(), target_rank=2, total_steps=10, init_warmup=2, final_warmup=3, mask_interval=1)
+    quiet.close()
+    quiet.close()  # idempotent
+    pruner.close()
+    assert not net._forward_pre_hooks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(200):
+            net(torch.randn(1, 2, 12))
+
+
+def tensors_in(state):
+    """Every tensor of a nested dict / list state, in a fixed order."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for key in state for t in tensors_in(state[key])]
+    if isinstance(state, (list, tuple)):
+        return [t for value in state for t in tensors_in(value)]
+    return []
+
+
+def map_tensors(state, fn):
+    """The nested state with fn applied to every tensor."""
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    if isinstance(state, dict):
+        return {key: map_tensors(value, fn) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [map_tensors(value, fn) for value in state]
+    return state
+
+
+def test_scores_are_updated_only_while_t_below_T_minus_t_f():
+    """Issue 10.5: scores were updated at t = T − t_f too; AdaLoRA's RankAllocator and PEFT stop at t < T − t_f."""
+    net = make_net(r=4, k=3)
+    T, ti, tf = 12, 2, 4  # T − t_f = 8
+    pruner = Pruner(net, target_rank=1, total_steps=T, init_warmup=ti, final_warmup=tf, mask_interval=3)
+    scores = {}
+    train(net, pruner, T - tf + 2, on_step=lambda t: scores.__setitem__(
+        t, [x.clone() for x in tensors_in(pruner.state_dict()) if x.is_floating_point()]))
+    changed = lambda a, b: any(not torch.equal(x, y) for x, y in zip(scores[a], scores[b]))
+    assert changed(T - tf - 2, T - tf - 1)  # t = 7 < T − t_f: scored
+    assert not changed(T - tf - 1, T - tf), "scores changed at t = T − t_f"
+    assert not changed(T - tf, T - tf + 1)  # the final phase: frozen
+
+
+def test_step_must_increase():
+    """Issue 10.6: Pruner.step accepted decreasing steps, so after the final phase the rank regrew."""
+    net = make_net(r=4, k=3)
+    pruner = Pruner(net, target_rank=1, total_steps=12, init_warmup=2, final_warmup=4, mask_interval=1)
+    train(net, pruner, 12)
+    assert sum(m.rank for m in lora2.lora2_modules(net).values()) == 8
+    for t in (3, 11):
+        with pytest.raises(ValueError, match=rf"Pruner.step\({t}\): steps must increase; the last one was 11"):
+            pruner.step(t)
+    assert sum(m.rank for m in lora2.lora2_modules(net).values()) == 8
+    with pytest.raises(ValueError, match="global_step must be an integer >= 0"):
+        pruner.step(12.0)
+
+
+def test_pruner_follows_a_dtype_change():
+    """Issue 10.6: model.half() after the Pruner was built crashed in the EMA update. Ī and Ū stay fp32."""
+    net = make_net(r=4, k=3)
+    randomise(net)
+    pruner = Pruner(net, target_rank=1, total_steps=12, init_warmup=0, final_warmup=4, mask_interval=1)
+    net.half()
+    g = torch.Generator().manual_seed(0)
+    for p in net.parameters():
+        p.grad = torch.randn(p.shape, generator=g).half() if p.requires_grad else None
+    lam = net.layers[0].query.lambda_
+    expected = (1 - pruner.beta1) * (lam.float() * lam.grad.float()).abs()  # Ī after one update, fp32
+    pruner.step(1)  # scores, then keeps b(1) of the 32 λ
+    assert lam.dtype == torch.float16 and pruner.Ibar["layers.0.query"]["lambda_"].dtype == torch.float32
+    torch.testing.assert_close(pruner.Ibar["layers.0.query"]["lambda_"], expected)
+    assert sum(m.rank for m in lora2.lora2_modules(net).values()) == pruner.budget(1)
+
+
+def test_pruner_load_state_dict_validates_the_state():
+    """Issue 10.6: a truncated state was broadcast into the scores without a word."""
+    net = make_net(r=4, k=3)
+    kw = dict(target_rank=1, total_steps=12, init_warmup=2, final_warmup=4, mask_interval=1)
+    pruner = Pruner(net, **kw)
+    train(net, pruner, 4)
+    state = pruner.state_dict()
+    fresh = Pruner(make_net(r=4, k=3), **kw)
+    with pytest.raises(ValueError, match="shape"):
+        fresh.load_state_dict(map_tensors(state, lambda t: t[:1]))  # every tensor truncated to its first row
+    state["Ibar"].pop("layers.1.down")
+    with pytest.raises(ValueError, match=r"'Ibar' must hold the layers"):
+        fresh.load_state_dict(state)
+
+
+def test_compiles_without_graph_breaks_or_recompiles():
+    """Issue 11: the forward (the Pruner's pre-hook active, training mode), the regulariser and the Pruner's scoring
+    each compile to one graph, checked with torch._dynamo.explain (its backend needs no compiler); calling the compiled
+    model again does not recompile (a Python counter in the pre-hook did, at every call)."""
+    net = make_net()
+    randomise(net)
+    pruner = Pruner(net, target_rank=1, total_steps=20, init_warmup=2, final_warmup=4, mask_interval=2)
+    model = nn.Sequential(net).train()  # compiled from outside, so the pre-hook on `net` is traced inline
+    x = torch.randn(2, 5, 12)
+
+    def one_graph(fn, *args):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(fn)(*args)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+    try:
+        one_graph(model, x)
+        one_graph(lambda: lora2.orthogonal_regularizer(net, cross=0.1))
+        model(x).sum().backward()
+        one_graph(pruner.update_scores)
+        graphs = []
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+        for _ in range(3):
+            compiled(x)
+        assert len(graphs) == 1, f"{len(graphs)} graphs for 3 calls: recompiled"
+    finally:
+        torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------------------------------------------------------- §6, state
@@ -546,23 +905,57 @@ def test_resume_is_bit_identical():
     opt2.load_state_dict(saved["opt"])
     train(resumed, resumed_pruner, T, start=9, opt=opt2)
 
-    assert resumed_pruner.rank_pattern == pruner.rank_pattern
+    assert lora2.rank_pattern(resumed) == lora2.rank_pattern(net)
     for (ka, a), (kb, b) in zip(lora2.adapter_state_dict(resumed).items(), lora2.adapter_state_dict(net).items()):
         assert ka == kb and torch.equal(a, b), ka
-    for a, b in zip(resumed_pruner.state_dict()["ipt"], pruner.state_dict()["ipt"]):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for key in ("Ibar", "Ubar"):
+        for name, scores in pruner.state_dict()[key].items():
+            assert all(torch.equal(resumed_pruner.state_dict()[key][name][kind], t) for kind, t in scores.items())
     with pytest.raises(ValueError, match="state was saved for"):
         Pruner(resumed, **{**kw, "target_rank": 2}).load_state_dict(saved["pruner"])
 
 
 def test_pruner_follows_the_model_to_another_device():
-    """Built before model.to(device) (a common order): its scores and mask move with the layers at the next step."""
+    """Built before model.to(device) (a common order): its scores move with the layers at the next step."""
     net = make_net(r=4, k=3)
     pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=0, final_warmup=2, mask_interval=1)
     net.to("meta")  # the only other device in a CPU-only run; it has shapes and kernels but no data
     for p in net.parameters():
         p.grad = torch.zeros_like(p) if p.requires_grad else None
     pruner.step(1)
-    assert pruner.mask.device.type == "meta"
-    assert all(t.device.type == "meta" for pair in pruner.ipt.values() for t in pair)
-    assert all(row.device.type == "meta" for row in pruner._ibar + pruner._ubar)
+    assert all(m.lambda_mask.device.type == "meta" for m in lora2.lora2_modules(net).values())
+    assert all(t.device.type == "meta" for d in (*pruner.Ibar.values(), *pruner.Ubar.values()) for t in d.values())
+
+
+def test_atomic_write(tmp_path, monkeypatch):
+    path = tmp_path / "f.bin"
+    lora2.atomic_write(path, b"old")
+    assert path.read_bytes() == b"old"
+    lora2.atomic_write(str(path), "λ")  # str: UTF-8
+    assert path.read_bytes() == "λ".encode()
+    lora2.atomic_write(path, lambda f: torch.save({"a": torch.ones(2)}, f))  # a callable writes into the file
+    assert torch.equal(torch.load(path)["a"], torch.ones(2))
+
+    def disk_full(f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    def interrupted(f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    for writer, error in ((disk_full, OSError), (interrupted, KeyboardInterrupt)):
+        with pytest.raises(error):
+            lora2.atomic_write(path, writer)
+        assert torch.equal(torch.load(path)["a"], torch.ones(2))  # the previous file is untouched
+        assert os.listdir(tmp_path) == ["f.bin"]  # and the temporary file is gone
+    with pytest.raises(TypeError, match="data must be bytes, str or a callable"):
+        lora2.atomic_write(path, 5)
+
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: replaced.append(src) or real_replace(src, dst))
+    lora2.atomic_write(path, b"a")
+    lora2.atomic_write(path, b"b")
+    assert [os.path.dirname(src) for src in replaced] == [str(tmp_path)] * 2  # beside the target: one file system
+    assert replaced[0] != replaced[1] and all(f".{os.getpid()}." in src for src in replaced)  # unique names
