@@ -31,18 +31,23 @@ RUN_FILES = ("metrics.json", "adapter.pt", "train_state.pt", "rank_pattern.png")
 LOCK = ".lock"
 
 
-@contextlib.contextmanager
-def claim(out_dir, cfg):
-    """Make out_dir this run's until the `with` block ends; every check here comes before data or model are loaded.
+def out_dir_of(cfg):
+    """--out_dir, default runs/<task>-<method>-s<seed>."""
+    return Path(cfg.out_dir or f"runs/{cfg.task}-{cfg.method}-s{cfg.seed}")
 
-    - creates out_dir and takes an exclusive lock on out_dir/.lock (flock: the kernel drops it when the process ends,
+
+@contextlib.contextmanager
+def claim(cfg):
+    """Make --out_dir this run's until the `with` block ends; every check here comes before data or model are loaded.
+
+    - creates the folder and takes an exclusive lock on its .lock (flock: the kernel drops it when the process ends,
       even on kill -9, so no lock goes stale): a second run into the folder is refused while this one lives;
     - a folder holding a run's files (RUN_FILES) is refused, naming them, unless --resume continues that run from its
-      train_state.pt, or --overwrite deletes them first;
+      train_state.pt, or --overwrite replaces it (clear deletes them once every check has passed);
     - the temporary files of an interrupted save (<run file>.<pid>.<random>.tmp) are removed;
     - --export_peft must be a folder, or not exist yet; one holding an adapter needs --overwrite (or --resume).
     """
-    out_dir = Path(out_dir)
+    out_dir = out_dir_of(cfg)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = open(out_dir / LOCK, "a+")
@@ -60,14 +65,11 @@ def claim(out_dir, cfg):
         lock.write(f"{os.getpid()}\n")
         lock.flush()
         found = [name for name in RUN_FILES if (out_dir / name).exists()]
-        if found and cfg.overwrite:
-            for name in found:
-                (out_dir / name).unlink()
-        elif found and cfg.resume and "train_state.pt" not in found:
+        if found and cfg.resume and "train_state.pt" not in found:
             raise ValueError(f"--resume: {out_dir} holds a run ({', '.join(found)}) but no train_state.pt to continue "
                              f"from (it ran without --save_every); pass --overwrite to replace it, or choose another "
                              f"--out_dir")
-        elif found and not cfg.resume:
+        elif found and not (cfg.resume or cfg.overwrite):
             raise ValueError(f"--out_dir {out_dir} already holds a run ({', '.join(found)}); pass --resume to continue "
                              f"it, --overwrite to replace it, or choose another --out_dir")
         for tmp in out_dir.glob("*.tmp"):
@@ -78,6 +80,15 @@ def claim(out_dir, cfg):
         yield out_dir
     finally:
         lock.close()
+
+
+def clear(out_dir):
+    """--overwrite: delete the previous run's files, once every check has passed and before this run writes any."""
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    for name in found:
+        (out_dir / name).unlink()
+    if found:
+        print(f"--overwrite: deleted the previous run's {', '.join(found)} in {out_dir}", file=sys.stderr, flush=True)
 
 
 def check_export(path, cfg):
@@ -146,9 +157,12 @@ def save_adapter(path, cfg, step, metrics, state):
     torch_save({"kind": "adapter", "config": dataclasses.asdict(cfg), "step": step, "metrics": metrics, **state}, path)
 
 
-def eval_config(cfg, ck, path):
-    """The Config of the run that wrote adapter.pt `ck`, to run where cfg says (EVAL_CONTROL). A flag given on the
-    command line (cfg.given) that disagrees with the checkpoint is an error naming it; so is an unknown setting."""
+def load_adapter(cfg):
+    """--eval_only: (the adapter.pt of --load, the Config of the run that wrote it, to run where cfg says:
+    EVAL_CONTROL). A flag given on the command line (cfg.given) that disagrees with the checkpoint is an error naming
+    it; so is a setting this version does not know."""
+    path = cfg.load
+    ck = load_checkpoint(path, "adapter")
     names = {f.name for f in dataclasses.fields(cfg)}
     if set(ck["config"]) - names:
         raise ValueError(f"{path} has settings this train_glue.py does not know ({sorted(set(ck['config']) - names)}); "
@@ -158,8 +172,8 @@ def eval_config(cfg, ck, path):
     if clash:
         raise ValueError(f"--eval_only takes the settings from {path}, and " + ", ".join(
             f"--{k} {getattr(cfg, k)} contradicts its {k} {saved[k]}" for k in clash) + "; drop those flags")
-    return type(cfg)(**{**saved, "data_dir": cfg.data_dir or saved["data_dir"], "no_download": cfg.no_download,
-                        "device": cfg.device})
+    return ck, type(cfg)(**{**saved, "data_dir": cfg.data_dir or saved["data_dir"], "no_download": cfg.no_download,
+                            "device": cfg.device})
 
 
 def load_trained(method, state, path):

@@ -67,6 +67,11 @@ def copy_run(finished, tmp_path):
     return Path(shutil.copytree(finished, tmp_path / "run"))
 
 
+def run_settings(out_dir):
+    """What rundir.claim reads of a Config."""
+    return types.SimpleNamespace(out_dir=out_dir, overwrite=False, resume=False, export_peft=None)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # silently wrong before: flags out of range, an empty dev set, --eval_only flags that the checkpoint contradicts
 
@@ -126,7 +131,7 @@ def test_a_second_run_into_a_locked_folder_is_refused(tiny, tmp_path):
     out_dir = tmp_path / "run"
     holder = subprocess.Popen(  # another process holds the folder, as a running train_glue.py does
         [sys.executable, "-c", "import rundir, sys, time, types\n"
-         "with rundir.claim(sys.argv[1], types.SimpleNamespace(overwrite=False, resume=False, export_peft=None)):\n"
+         "with rundir.claim(types.SimpleNamespace(out_dir=sys.argv[1], overwrite=0, resume=0, export_peft=None)):\n"
          "    print('claimed', flush=True)\n    time.sleep(60)", str(out_dir)],
         cwd=HERE, stdout=subprocess.PIPE, text=True)
     try:
@@ -137,10 +142,9 @@ def test_a_second_run_into_a_locked_folder_is_refused(tiny, tmp_path):
     finally:
         holder.kill()  # kill -9: the kernel drops its lock, nothing stale is left behind
         holder.wait()
-    cfg = types.SimpleNamespace(overwrite=False, resume=False, export_peft=None)
-    with rundir.claim(out_dir, cfg):
+    with rundir.claim(run_settings(out_dir)):
         with pytest.raises(ValueError, match="is in use by another run"):  # also within one process
-            with rundir.claim(out_dir, cfg):
+            with rundir.claim(run_settings(out_dir)):
                 pass
 
 
@@ -151,11 +155,13 @@ def test_a_new_run_into_a_finished_runs_folder_refuses_unless_resume_or_overwrit
     assert message.endswith(f"--out_dir {out_dir} already holds a run (metrics.json, adapter.pt, train_state.pt); pass "
                             f"--resume to continue it, --overwrite to replace it, or choose another --out_dir")
     assert files(out_dir) == before  # untouched
+    assert "--max_len 1000 exceeds" in error_of(argv(tiny, out_dir, "--overwrite", "--max_len", "1000"), capsys)
+    assert files(out_dir) == before  # --overwrite deletes the old run only once every check has passed
     tg.main(argv(tiny, out_dir, "--seed", "1", "--overwrite"))  # replaces the whole run: no train_state.pt left over
+    assert "--overwrite: deleted the previous run's metrics.json, adapter.pt, train_state.pt" in capsys.readouterr().err
     assert not (out_dir / "train_state.pt").exists()
     assert json.loads((out_dir / "metrics.json").read_text())["seed"] == 1
     assert torch.load(out_dir / "adapter.pt", weights_only=True)["config"]["seed"] == 1
-    capsys.readouterr()
     message = error_of(argv(tiny, out_dir, "--seed", "1", "--resume"), capsys)
     assert "--resume: " in message and "holds a run (metrics.json, adapter.pt) but no train_state.pt to continue from" \
            in message
@@ -171,7 +177,7 @@ def test_stale_temporary_files_are_cleaned(tmp_path):
     out_dir = tmp_path / "run"
     write(out_dir / "adapter.pt.4242.0badf00d.tmp", ["half a file"])
     write(out_dir / "notes.tmp", ["the user's"])
-    with rundir.claim(out_dir, types.SimpleNamespace(overwrite=False, resume=False, export_peft=None)):
+    with rundir.claim(run_settings(out_dir)):
         assert sorted(p.name for p in out_dir.iterdir()) == [".lock", "notes.tmp"]
 
 

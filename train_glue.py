@@ -23,7 +23,6 @@ import sys
 import time
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -250,17 +249,17 @@ def train(cfg, stop_at=None):
     """Train per cfg; return (summary dict as in metrics.json, model). stop_at: return early once global_step reaches
     it, without the final evaluation (a stand-in for a killed run in tests)."""
     rank, world, device, started = setup_distributed(cfg.device)
-    out_dir = Path(cfg.out_dir or f"runs/{cfg.task}-{cfg.method}-s{cfg.seed}")
     try:
-        with rundir.claim(out_dir, cfg) if rank == 0 else contextlib.nullcontext():  # lock, refuse another run's
-            return _train(cfg, out_dir, rank, world, device, stop_at)
+        with rundir.claim(cfg) if rank == 0 else contextlib.nullcontext():  # the folder is this run's: lock, checks
+            return _train(cfg, rank, world, device, stop_at)
     finally:
         if started:
             dist.destroy_process_group()
 
 
-def _train(cfg, out_dir, rank, world, device, stop_at):
+def _train(cfg, rank, world, device, stop_at):
     say = functools.partial(print, file=sys.stderr, flush=True) if rank == 0 else (lambda *a, **k: None)
+    out_dir = rundir.out_dir_of(cfg)
     if cfg.batch_size % world:
         raise ValueError(f"--batch_size {cfg.batch_size} is the global batch; it must divide by the {world} ranks")
     task = glue.TASKS[cfg.task]
@@ -311,6 +310,8 @@ def _train(cfg, out_dir, rank, world, device, stop_at):
     if cfg.resume and state_path.exists():
         run = rundir.load_train_state(state_path, cfg, method, optimizer, scheduler, device)
         say(f"resumed from {state_path} at step {run['global_step']}")
+    if cfg.overwrite and rank == 0:
+        rundir.clear(out_dir)                                   # the previous run goes now, all checks passed
 
     # the loop
     model.train()
@@ -416,8 +417,7 @@ def evaluate(model, dev_data, task, pad_id, device):
 
 def evaluate_checkpoint(cfg):
     """--eval_only --load PATH: rebuild the model of the saved run, load adapter + head, evaluate on the same data."""
-    ck = rundir.load_checkpoint(cfg.load, "adapter")
-    saved = rundir.eval_config(cfg, ck, cfg.load)
+    ck, saved = rundir.load_adapter(cfg)
     _, _, device, _ = setup_distributed(saved.device)
     task = glue.TASKS[saved.task]
     _, dev, _ = glue.load(saved.task, saved.data_dir, saved.dev_split, saved.train_size, saved.eval_size,
