@@ -84,7 +84,7 @@ class Config:
     out_dir: typing.Optional[str] = _opt(None, "output folder (default runs/<task>-<method>-s<seed>)")
     save_every: int = _opt(0, "write a resumable training checkpoint every N steps")
     resume: bool = _opt(False, "continue from <out_dir>/train_state.pt if it exists")
-    overwrite: bool = _opt(False, "replace the run in --out_dir (its metrics.json, adapter.pt, ... are deleted first)")
+    overwrite: bool = _opt(False, "replace the run in --out_dir (its files are deleted just before the first step)")
     eval_only: bool = _opt(False, "only evaluate the adapter + head of --load")
     load: typing.Optional[str] = _opt(None, "adapter.pt written by a training run (with --eval_only)")
     export_peft: typing.Optional[str] = _opt(None, "also write the adapter as a PEFT LoRA adapter into this folder")
