@@ -62,13 +62,32 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path):
-        """Read a Hugging Face config.json; unknown keys are ignored, non-BERT models are refused."""
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
+        """Read a Hugging Face config.json; unknown keys are ignored, non-BERT models and values of the wrong type
+        (a string where a number belongs) are refused with a ValueError naming the file and key."""
+        d = read_json(path)
+        wrong = [f"{f.name}={d[f.name]!r} (expected {f.type.__name__})" for f in fields(cls) if f.name in d and (
+            isinstance(d[f.name], bool) or not isinstance(d[f.name], (int, float) if f.type is float else f.type))]
+        if wrong:
+            raise ValueError(f"{path}: wrong type for {', '.join(wrong)}; fix the file or use another checkpoint")
         if d.get("model_type", "bert") != "bert":
             raise ValueError(f"{path}: model_type is {d['model_type']!r}; bert.py only implements 'bert'")
         if d.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"{path}: position_embedding_type {d['position_embedding_type']!r} is not supported")
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def read_json(path):
+    """A JSON object from a file; a missing file, bytes that are not UTF-8 JSON, or a non-object raise an error naming
+    the file (and the line of a syntax error)."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); fix or replace the file") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object {{...}}, found {type(d).__name__}")
+    return d
 
 
 def tiny_config(vocab_size=30522, **overrides):
@@ -247,30 +266,71 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 def load_safetensors(path):
     """Read a .safetensors file: u64 little-endian header size N, N bytes of JSON {name: {dtype, shape,
     data_offsets: [begin, end]}} (offsets relative to the end of the header), then the raw little-endian bytes.
-    numpy reads the bytes as integers of the element size; torch reinterprets them (BF16 stays BF16)."""
+    numpy reads the bytes as integers of the element size; torch reinterprets them (BF16 stays BF16).
+
+    The header is checked before any tensor is read, as the reference `safetensors` library checks it: N within the
+    file, a JSON object, then safetensors_layout. A violation raises ValueError naming the file and the tensor."""
+    size = Path(path).stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
-        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-        if not 0 < n < 100_000_000:
-            raise ValueError(f"{path}: not a safetensors file (header size {n})")
-        header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
+        if n is None or not 2 <= n <= min(size - 8, 100_000_000):
+            raise ValueError(f"{path}: not a safetensors file (header size {n} in a file of {size} bytes); the file is "
+                             f"truncated or of another format")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: the safetensors header is not valid JSON ({e}); the file is corrupt") from None
         out = {}
-        for name, info in header.items():
-            if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if end - begin != math.prod(shape) * itemsize:
-                raise ValueError(f"{path}: tensor {name!r} has {end - begin} bytes, shape {shape} needs "
-                                 f"{math.prod(shape) * itemsize}")
+        for name, (dtype, shape, begin, end) in safetensors_layout(path, header, size - 8 - n).items():
             f.seek(8 + n + begin)
             buf = bytearray(f.read(end - begin))                                # a writable copy of the bytes
-            if len(buf) != end - begin:
-                raise ValueError(f"{path}: tensor {name!r} is truncated")
+            itemsize = torch.empty((), dtype=dtype).element_size()
             a = np.frombuffer(buf, dtype=f"<i{itemsize}").astype(f"=i{itemsize}", copy=False)   # (numel,) raw ints
             out[name] = torch.from_numpy(a).view(dtype).reshape(shape)          # reinterpret, e.g. int16 -> bf16
     return out
+
+
+def safetensors_layout(path, header, data_size):
+    """{name: (torch dtype, shape, begin, end)} of a parsed safetensors header, validated as the format requires:
+    __metadata__ a {str: str} map; each tensor a known dtype, a shape and [begin, end] offsets of non-negative integers,
+    end - begin = numel × itemsize; sorted by offset, the tensors start at 0, neither overlap nor leave gaps, and end
+    exactly at the end of the data section (data_size bytes). Raises ValueError naming the file and the tensor."""
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path}: __metadata__ must map strings to strings, found {metadata!r:.80}")
+
+    def naturals(v, length=None):   # a list of non-negative ints (no bools, no floats), of the given length
+        return isinstance(v, list) and length in (None, len(v)) and all(type(x) is int and x >= 0 for x in v)
+
+    layout = {}
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise ValueError(f"{where} needs dtype, shape and data_offsets, found {info!r:.80}")
+        if not isinstance(info["dtype"], str) or info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{where} has unsupported dtype {info['dtype']}")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not (naturals(shape) and naturals(offsets, 2) and offsets[0] <= offsets[1]):
+            raise ValueError(f"{where}: shape {shape} and data_offsets {offsets} must be lists of non-negative "
+                             f"integers, the offsets [begin, end] with begin <= end")
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if offsets[1] - offsets[0] != nbytes:
+            raise ValueError(f"{where} has {offsets[1] - offsets[0]} bytes, shape {shape} needs {nbytes}")
+        layout[name] = (dtype, shape, *offsets)
+    position = 0
+    for name, (_, _, begin, end) in sorted(layout.items(), key=lambda item: item[1][2:]):
+        if begin != position:
+            raise ValueError(f"{path}: tensor {name!r} starts at byte {begin} of the data, the previous tensor ends at "
+                             f"{position} ({'they overlap' if begin < position else 'a gap'}); the file is corrupt")
+        position = end
+    if position != data_size:
+        raise ValueError(f"{path}: the tensors cover {position} bytes, the data section has {data_size}; the file is "
+                         f"{'truncated' if position > data_size else 'corrupt (trailing bytes)'}")
+    return layout
 
 
 def read_checkpoint(model_dir):
@@ -279,7 +339,11 @@ def read_checkpoint(model_dir):
     if (d / "model.safetensors").exists():
         return load_safetensors(d / "model.safetensors")
     if (d / "pytorch_model.bin").exists():
-        return torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            return torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on a damaged file
+            raise ValueError(f"{d / 'pytorch_model.bin'}: not a readable PyTorch checkpoint (corrupt or truncated: "
+                             f"{type(e).__name__}); download or copy it again") from None
     raise FileNotFoundError(f"{d}: found neither model.safetensors nor pytorch_model.bin")
 
 
@@ -321,8 +385,11 @@ def load_bert_weights(bert, state, source="checkpoint"):
 def from_pretrained(model_dir, num_labels, classifier_dropout=None):
     """(BertForSequenceClassification with the folder's encoder + pooler weights and a fresh classifier, tokenizer)."""
     d = Path(model_dir)
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{d}: not a BERT checkpoint folder (no config.json); pass a folder with config.json, "
+                                f"vocab.txt and model.safetensors or pytorch_model.bin")
     config = BertConfig.from_json(d / "config.json")
-    tok_cfg = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").exists() else {}
+    tok_cfg = read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").exists() else {}
     tokenizer = WordPieceTokenizer(d / "vocab.txt", do_lower_case=tok_cfg.get("do_lower_case", True))
     if len(tokenizer.vocab) > config.vocab_size:
         raise ValueError(f"{d}: vocab.txt has {len(tokenizer.vocab)} tokens, "
@@ -366,31 +433,51 @@ HF_TARGETS = {"bert": TARGETS, "roberta": TARGETS, "xlm-roberta": TARGETS,
                              "output.dense")}
 
 
-def load_classifier(num_labels, model_dir=None, hf=None, classifier_dropout=None):
+def load_classifier(num_labels, model_dir=None, hf=None, classifier_dropout=None, max_len=None):
     """(model, tokenize(a, b, max_len) -> (ids, type ids), pad id, the names of the matrices to adapt).
 
     From `model_dir` (a BERT folder; default: the packaged MiniLM) with this file's BERT, or, with `hf`, any
-    transformers model name or path of a type in HF_TARGETS (needs transformers; its forward returns .logits)."""
+    transformers model name or path of a type in HF_TARGETS (needs transformers; its forward returns .logits).
+    max_len: the most tokens an input will have; more than the model's position embeddings is a ValueError."""
     if not hf:
         model, tokenizer = from_pretrained(Path(model_dir) if model_dir else default_model_dir(), num_labels,
                                            classifier_dropout=classifier_dropout)
+        check_max_len(max_len, model.config.max_position_embeddings, model_dir or "the packaged MiniLM")
         return model, tokenizer.encode, tokenizer.pad_id, TARGETS
     try:
         import transformers
     except ImportError:
         raise ImportError("--hf needs transformers: pip install transformers") from None
-    model_type = transformers.AutoConfig.from_pretrained(hf).model_type
-    if model_type not in HF_TARGETS:
-        raise ValueError(f"--hf: no default target modules for model_type {model_type!r}; known: {sorted(HF_TARGETS)}")
-    extra = {} if classifier_dropout is None else {
-        "cls_dropout" if model_type == "deberta-v2" else "classifier_dropout": classifier_dropout}
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(hf, num_labels=num_labels, **extra)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
+    if hf.startswith(("/", "./", "../", "~")) and not Path(hf).expanduser().exists():
+        raise FileNotFoundError(f"--hf {hf}: no such folder; pass a transformers model folder or a model name")
+    try:
+        config = transformers.AutoConfig.from_pretrained(hf)
+        if config.model_type not in HF_TARGETS:
+            raise ValueError(f"--hf: no default target modules for model_type {config.model_type!r}; known: "
+                             f"{sorted(HF_TARGETS)}")
+        extra = {} if classifier_dropout is None else {
+            "cls_dropout" if config.model_type == "deberta-v2" else "classifier_dropout": classifier_dropout}
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(hf, num_labels=num_labels, **extra)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
+    except OSError as e:  # transformers' "not found", "couldn't connect", "not a valid model identifier", ...
+        raise FileNotFoundError(f"--hf {hf}: transformers cannot load it ({str(e).splitlines()[0]}); pass a local "
+                                f"model folder, or a model name in the local cache or reachable online") from None
+    # RoBERTa-style position ids start after the padding index: two of their positions are never used
+    offset = 2 if config.model_type in ("roberta", "xlm-roberta") else 0
+    check_max_len(max_len, min(getattr(config, "max_position_embeddings", math.inf) - offset,
+                               tokenizer.model_max_length), hf)
 
     def tokenize(a, b, max_len):
         enc = tokenizer(a, b, truncation=True, max_length=max_len)
         return enc["input_ids"], enc.get("token_type_ids") or [0] * len(enc["input_ids"])
-    return model, tokenize, tokenizer.pad_token_id, HF_TARGETS[model_type]
+    return model, tokenize, tokenizer.pad_token_id, HF_TARGETS[config.model_type]
+
+
+def check_max_len(max_len, positions, source):
+    """A ValueError when inputs of max_len tokens would not fit the model's `positions` position embeddings."""
+    if max_len is not None and max_len > positions:
+        raise ValueError(f"--max_len {max_len} exceeds the {positions} positions of the model ({source}); use "
+                         f"--max_len {positions} or less")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -424,7 +511,12 @@ class WordPieceTokenizer:
     is a pair with an empty second part here, where transformers drops it."""
 
     def __init__(self, vocab_file, do_lower_case=True, max_chars_per_word=100):
-        lines = Path(vocab_file).read_text(encoding="utf-8").split("\n")
+        try:
+            lines = Path(vocab_file).read_text(encoding="utf-8").split("\n")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{vocab_file} not found: a BERT folder needs its WordPiece vocabulary") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{vocab_file}: not UTF-8 text (byte {e.start}); fix or replace the file") from None
         if lines and lines[-1] == "":
             lines.pop()
         self.vocab = {token: i for i, token in enumerate(lines)}

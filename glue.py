@@ -65,9 +65,30 @@ TASKS = {
 def read_tsv(path, task):
     """[(text_a, text_b or None, label)] from one GLUE TSV; label is a class index, or a float for STS-B.
 
-    Read with csv.QUOTE_NONE (GLUE text contains stray quotes); a row with the wrong number of columns or an unknown
-    label raises ValueError naming the file and line.
+    Read with csv.QUOTE_NONE (GLUE text contains stray quotes); bytes that are not UTF-8, a row with the wrong number
+    of columns or an unknown label raise ValueError naming the file and line, and so does a file without examples.
     """
+    try:
+        examples = _read_rows(path, task)
+    except UnicodeDecodeError:
+        with open(path, "rb") as f:  # the decoder reads ahead: find the line in the raw bytes
+            number, line = next((i, line) for i, line in enumerate(f, 1) if not _is_utf8(line))
+        raise ValueError(f"{path}:{number}: not UTF-8 text ({line.rstrip()[:60]!r}); GLUE files are UTF-8: "
+                         f"re-download or re-encode it (iconv -t utf-8)") from None
+    if not examples:
+        raise ValueError(f"{path}: no examples (only a header or blank lines); the file is truncated, restore it")
+    return examples
+
+
+def _is_utf8(raw):
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _read_rows(path, task):
     examples = []
     with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: MRPC files start with a byte-order mark
         rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)

@@ -3,14 +3,19 @@
 - adapter.pt: the best evaluation's adapter + head and its config (`--eval_only --load` rebuilds the model from it);
 - train_state.pt: everything `--resume` needs to continue exactly (weights, optimiser, schedule, pruner, RNG, best);
 - metrics.json, the printed summary, the rank pattern as a text heatmap (and rank_pattern.png with --plot).
-Every file is written atomically (lora2.atomic_write): a killed run leaves the previous version, never half a file.
+Every file is written atomically (lora2.atomic_write): a killed run leaves the previous version, never half a file,
+and a failed write (disk full) says so and keeps the previous file. A folder belongs to one run at a time (claim).
 Not here: the training loop and the method (train_glue.py, lora2.py).
 """
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
+import os
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,40 +25,193 @@ import glue
 import lora2
 
 # ----------------------------------------------------------------------------------------------------------------------
+# the output folder
+
+RUN_FILES = ("metrics.json", "adapter.pt", "train_state.pt", "rank_pattern.png")  # what a run writes into --out_dir
+LOCK = ".lock"
+
+
+def out_dir_of(cfg):
+    """--out_dir, default runs/<task>-<method>-s<seed>."""
+    return Path(cfg.out_dir or f"runs/{cfg.task}-{cfg.method}-s{cfg.seed}")
+
+
+@contextlib.contextmanager
+def claim(cfg):
+    """Make --out_dir this run's until the `with` block ends; every check here comes before data or model are loaded.
+
+    - creates the folder and takes an exclusive lock on its .lock (flock: the kernel drops it when the process ends,
+      even on kill -9, so no lock goes stale): a second run into the folder is refused while this one lives;
+    - a folder holding a run's files (RUN_FILES) is refused, naming them, unless --resume continues that run from its
+      train_state.pt, or --overwrite replaces it (clear deletes them once every check has passed);
+    - the temporary files of an interrupted save (<run file>.<pid>.<random>.tmp) are removed;
+    - --export_peft must be a folder, or not exist yet; one holding an adapter needs --overwrite (or --resume).
+    """
+    out_dir = out_dir_of(cfg)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(out_dir / LOCK, "a+")
+    except OSError as e:
+        raise OSError(f"--out_dir {out_dir}: cannot create or write to it ({e.strerror or e}); choose a writable "
+                      f"folder") from None
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise ValueError(f"--out_dir {out_dir} is in use by another run (pid {lock.read().strip() or '?'}); "
+                             f"wait for it to end or choose another --out_dir") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        found = [name for name in RUN_FILES if (out_dir / name).exists()]
+        if found and cfg.resume and "train_state.pt" not in found:
+            raise ValueError(f"--resume: {out_dir} holds a run ({', '.join(found)}) but no train_state.pt to continue "
+                             f"from (it ran without --save_every); pass --overwrite to replace it, or choose another "
+                             f"--out_dir")
+        elif found and not (cfg.resume or cfg.overwrite):
+            raise ValueError(f"--out_dir {out_dir} already holds a run ({', '.join(found)}); pass --resume to continue "
+                             f"it, --overwrite to replace it, or choose another --out_dir")
+        for tmp in out_dir.glob("*.tmp"):
+            if tmp.name.startswith(RUN_FILES):
+                tmp.unlink()
+        if cfg.export_peft:
+            check_export(Path(cfg.export_peft), cfg)
+        yield out_dir
+    finally:
+        lock.close()
+
+
+def clear(out_dir):
+    """--overwrite: delete the previous run's files, once every check has passed and before this run writes any."""
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    for name in found:
+        (out_dir / name).unlink()
+    if found:
+        print(f"--overwrite: deleted the previous run's {', '.join(found)} in {out_dir}", file=sys.stderr, flush=True)
+
+
+def check_export(path, cfg):
+    """--export_peft: a folder (created at the end) whose nearest existing ancestor is a folder, holding no adapter
+    unless --overwrite or --resume."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--export_peft {path}: {existing} is a file, not a folder; give a folder path (it is "
+                         f"created at the end of the run)")
+    if (path / "adapter_config.json").exists() and not (cfg.overwrite or cfg.resume):
+        raise ValueError(f"--export_peft {path} already holds a PEFT adapter; pass --overwrite to replace it, or "
+                         f"choose another folder")
+
+
+def write(path, data):
+    """lora2.atomic_write; a failed write (disk full, no permission) is one OSError saying the file is unchanged."""
+    try:
+        lora2.atomic_write(path, data)
+    except (OSError, RuntimeError) as e:  # torch.save to a path reports a full disk as a RuntimeError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed; is the disk full?"
+        raise OSError(f"could not write {path} ({reason}); {Path(path).name} is unchanged (the previous version, if "
+                      f"any, is intact): free disk space or fix permissions, then run again (--resume continues "
+                      f"from the last train_state.pt)") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # checkpoints
 
 RUN_CONTROL = {  # flags that may differ when a run resumes: they change where and how it runs, not what it computes
-    "data_dir", "no_download", "out_dir", "save_every", "resume", "log_every", "export_peft", "plot", "device"}
+    "data_dir", "no_download", "out_dir", "save_every", "resume", "overwrite", "log_every", "export_peft", "plot",
+    "device"}
+EVAL_CONTROL = {"data_dir", "no_download", "device", "eval_only", "load"}  # --eval_only takes the rest from --load
+KINDS = {"adapter": "an adapter.pt (best adapter + head, for --eval_only --load)",
+         "train_state": "a train_state.pt (resumable training state, for --resume)"}
 
 
 def torch_save(obj, path):
-    """torch.save, atomically."""
-    lora2.atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save, atomically (write)."""
+    write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path, kind, map_location="cpu"):
+    """The dict that save_adapter or save_train_state wrote to `path`, checked to be `kind` ("adapter" or
+    "train_state"): a missing, unreadable (corrupt, truncated, empty) or other kind of file raises a one-line error
+    naming it. Files written before checkpoints carried their "kind" are recognised by their keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint; pass {KINDS[kind].split(' (')[0]} written by "
+                                f"train_glue.py")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, KeyError, ... on a damaged file
+        raise ValueError(f"{path}: not a readable checkpoint (corrupt or truncated: {type(e).__name__}); use another "
+                         f"copy, or delete it and train again") from None
+    found = None
+    if isinstance(ck, dict) and isinstance(ck.get("config"), dict):
+        found = ck.get("kind") or ("train_state" if "optimizer" in ck else "adapter" if "adapter" in ck else None)
+    if found != kind:
+        what = KINDS.get(found, "not a train_glue.py checkpoint").split(" (")[0]
+        raise ValueError(f"{path} is {what}; expected {KINDS[kind]}")
+    return ck
+
+
+def save_adapter(path, cfg, step, metrics, state):
+    """adapter.pt: the best evaluation's adapter + head (method.trained_state()), its step, metrics and config."""
+    torch_save({"kind": "adapter", "config": dataclasses.asdict(cfg), "step": step, "metrics": metrics, **state}, path)
+
+
+def load_adapter(cfg):
+    """--eval_only: (the adapter.pt of --load, the Config of the run that wrote it, to run where cfg says:
+    EVAL_CONTROL). A flag given on the command line (cfg.given) that disagrees with the checkpoint is an error naming
+    it; so is a setting this version does not know."""
+    path = cfg.load
+    ck = load_checkpoint(path, "adapter")
+    names = {f.name for f in dataclasses.fields(cfg)}
+    if set(ck["config"]) - names:
+        raise ValueError(f"{path} has settings this train_glue.py does not know ({sorted(set(ck['config']) - names)}); "
+                         f"it was written by another version")
+    saved = dataclasses.asdict(type(cfg)(**ck["config"]))
+    clash = sorted(k for k in cfg.given - EVAL_CONTROL if getattr(cfg, k) != saved[k])
+    if clash:
+        raise ValueError(f"--eval_only takes the settings from {path}, and " + ", ".join(
+            f"--{k} {getattr(cfg, k)} contradicts its {k} {saved[k]}" for k in clash) + "; drop those flags")
+    return ck, type(cfg)(**{**saved, "data_dir": cfg.data_dir or saved["data_dir"], "no_download": cfg.no_download,
+                            "device": cfg.device})
+
+
+def load_trained(method, state, path):
+    """method.load_trained_state(state); a tensor that does not fit the model is a one-line error naming the file."""
+    try:
+        method.load_trained_state(state)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path} does not fit the model built from its settings: {' '.join(str(e).split())}") from None
 
 
 def save_train_state(path, cfg, method, optimizer, scheduler, device, run):
     """train_state.pt: config, run state (step, elapsed, best, last metrics), weights, optimiser, schedule, pruner, RNG."""
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-    torch_save({"config": dataclasses.asdict(cfg), **run, "model": method.trained_state(), "rng": rng,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    torch_save({"kind": "train_state", "config": dataclasses.asdict(cfg), **run, "model": method.trained_state(),
+                "rng": rng, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "pruner": method.state_dict()}, path)
 
 
 def load_train_state(path, cfg, method, optimizer, scheduler, device):
-    """Restore what save_train_state wrote, after checking it was written with the same settings."""
-    ck = torch.load(path, map_location=device, weights_only=True)
-    changed = {k for k, v in dataclasses.asdict(cfg).items() if k not in RUN_CONTROL and ck["config"][k] != v}
+    """Restore what save_train_state wrote, after checking it is one, written with the same settings."""
+    ck = load_checkpoint(path, "train_state", map_location=device)
+    changed = {k for k, v in dataclasses.asdict(cfg).items() if k not in RUN_CONTROL and ck["config"].get(k) != v}
     if changed:
         raise ValueError(f"--resume: {path} was written with other settings: "
-                         + ", ".join(f"--{k} {ck['config'][k]} (now {getattr(cfg, k)})" for k in sorted(changed)))
-    method.load_trained_state(ck["model"])
-    optimizer.load_state_dict(ck["optimizer"])
-    scheduler.load_state_dict(ck["scheduler"])
-    method.load_state_dict(ck["pruner"])
-    torch.set_rng_state(ck["rng"]["torch"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
-    return {key: ck[key] for key in ("global_step", "elapsed", "best", "last_metrics")}
+                         + ", ".join(f"--{k} {ck['config'].get(k)} (now {getattr(cfg, k)})" for k in sorted(changed))
+                         + "; rerun with those, or pass --overwrite to start over")
+    load_trained(method, ck["model"], path)
+    try:
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        method.load_state_dict(ck["pruner"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
+        return {key: ck[key] for key in ("global_step", "elapsed", "best", "last_metrics")}
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise ValueError(f"{path} does not fit this run ({type(e).__name__}: {' '.join(str(e).split())}); pass "
+                         f"--overwrite to start over") from None
 
 
 def head_state(model):
@@ -64,10 +222,17 @@ def head_state(model):
 
 
 def load_head(model, state):
-    """Load what head_state saved; a key the model lacks is an error (the checkpoint belongs to another model)."""
-    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    """Load what head_state saved; a key the model lacks or a tensor of another shape is an error naming it (the
+    checkpoint belongs to another model)."""
+    own = model.state_dict()
+    unexpected = [k for k in state if k not in own]
     if unexpected:
         raise ValueError(f"checkpoint does not fit the model: unexpected keys {unexpected[:6]}")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"checkpoint does not fit the model: {k} has shape {tuple(v.shape)}, the model's "
+                             f"{tuple(own[k].shape)}")
+    model.load_state_dict(state, strict=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -124,7 +289,7 @@ def plot_rank_pattern(pattern, r, path, title):
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="kept singular values")
     fig.tight_layout()
-    lora2.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return path
 
@@ -148,7 +313,7 @@ def report(cfg, method, counts, run, facts, out_dir):
     }
     if out_dir is None:
         return summary
-    lora2.atomic_write(out_dir / "metrics.json", json.dumps(summary, indent=1) + "\n")
+    write(out_dir / "metrics.json", json.dumps(summary, indent=1) + "\n")
     lines = [f"{task.dir} dev {main_name}: {summary['main_metric']:.4f} at step {best['step']} of {facts['steps']} "
              f"(" + ", ".join(f"{k} {v:.4f}" for k, v in best["metrics"].items()) + ")"
              + ("  [NON-STANDARD: train/eval split of dev.tsv]" if facts["non_standard"] else ""),
@@ -163,7 +328,11 @@ def report(cfg, method, counts, run, facts, out_dir):
         png = plot_rank_pattern(pattern, cfg.r, out_dir / "rank_pattern.png", f"{task.dir} {cfg.method} rank pattern")
         lines += [f"wrote {png}"] if png else []
     if cfg.export_peft:
-        method.export_peft(cfg.export_peft, cfg.hf or cfg.model or str(bert.default_model_dir(install=False)))
+        try:
+            method.export_peft(cfg.export_peft, cfg.hf or cfg.model or str(bert.default_model_dir(install=False)))
+        except OSError as e:
+            raise OSError(f"--export_peft {cfg.export_peft}: could not write the PEFT adapter ({e.strerror or e}); "
+                          f"the run itself is complete in {out_dir}") from None
         lines.append(f"wrote a PEFT LoRA adapter to {cfg.export_peft}")
     lines.append(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'adapter.pt'} "
                  f"(python train_glue.py --eval_only --load {out_dir / 'adapter.pt'})")

@@ -46,8 +46,11 @@ def synthetic_sst2(folder, n_train=64, n_dev=32, seed=0):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(model folder, GLUE folder): a random 2-layer BERT checkpoint and synthetic SST-2."""
-    root = tmp_path_factory.mktemp("tiny")
+    return tiny_folders(tmp_path_factory.mktemp("tiny"))
+
+
+def tiny_folders(root):
+    """(model folder, GLUE folder) under root: a random 2-layer BERT checkpoint and synthetic SST-2."""
     model_dir = root / "bert"
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     write(model_dir / "vocab.txt", vocab)

@@ -23,7 +23,6 @@ import sys
 import time
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -48,7 +47,7 @@ class Config:
     data_dir: typing.Optional[str] = _opt(None, "GLUE folder (default: $GLUE_DIR, else ./glue_data)")
     no_download: bool = _opt(False, "never fetch a missing task from the GLUE archives")
     train_size: typing.Optional[int] = _opt(20000, "train on a fixed random subset of N examples (seed 0); 0 = all")
-    eval_size: typing.Optional[int] = _opt(None, "evaluate on a fixed random subset of N dev examples (seed 0)")
+    eval_size: typing.Optional[int] = _opt(None, "evaluate on a fixed random subset of N dev examples (seed 0; 0: all)")
     dev_split: typing.Optional[float] = _opt(None, "no train.tsv (QNLI here): this fraction of dev.tsv is the eval "
                                                    "set, the rest the train set (fixed seed 0; non-standard)")
     max_len: int = _opt(64, "maximum tokens per example (batches are padded to their longest example)")
@@ -77,7 +76,7 @@ class Config:
     steps: typing.Optional[int] = _opt(1200, "optimiser steps")
     epochs: typing.Optional[float] = _opt(None, "set the steps from epochs over the training set instead")
     warmup: float = _opt(0.06, "linear lr warm-up, fraction of the steps; then linear decay to 0")
-    clip: float = _opt(1.0, "gradient-norm clipping")
+    clip: float = _opt(1.0, "gradient-norm clipping (0: none)")
     seed: int = _opt(0, "seed of initialisation, dropout and data order")
     # run
     eval_every: int = _opt(0, "evaluate every N steps (0: only at the end)")
@@ -85,12 +84,14 @@ class Config:
     out_dir: typing.Optional[str] = _opt(None, "output folder (default runs/<task>-<method>-s<seed>)")
     save_every: int = _opt(0, "write a resumable training checkpoint every N steps")
     resume: bool = _opt(False, "continue from <out_dir>/train_state.pt if it exists")
+    overwrite: bool = _opt(False, "replace the run in --out_dir (its files are deleted just before the first step)")
     eval_only: bool = _opt(False, "only evaluate the adapter + head of --load")
     load: typing.Optional[str] = _opt(None, "adapter.pt written by a training run (with --eval_only)")
     export_peft: typing.Optional[str] = _opt(None, "also write the adapter as a PEFT LoRA adapter into this folder")
     preset: typing.Optional[str] = _opt(None, "the authors' per-task hyperparameters (SPEC §5)", ("paper",))
     plot: bool = _opt(False, "write rank_pattern.png (needs matplotlib)")
     device: str = _opt("auto", "auto = cuda when available (bf16 autocast), else cpu", ("auto", "cpu", "cuda"))
+    given = frozenset()  # not a field: the flags given on the command line (parse_config); --eval_only checks them
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -98,7 +99,7 @@ class Config:
             if choices and value is not None and value not in choices:
                 raise ValueError(f"--{f.name} must be one of {choices}, got {value!r}")
         checks = [
-            (self.r >= 1 and self.k >= 1, f"--r and --k must be >= 1, got r={self.r}, k={self.k}"),
+            (min(self.r, self.k, self.alpha) >= 1, f"--r, --k, --alpha must be >= 1, got {self.r, self.k, self.alpha}"),
             (0 <= self.target_rank <= self.r, f"--target_rank must be in [0, r={self.r}], got {self.target_rank}"),
             (self.init_warmup >= 0 and self.final_warmup >= 0 and self.init_warmup + self.final_warmup < 1,
              f"--init_warmup + --final_warmup must be fractions summing below 1, got {self.init_warmup} + "
@@ -106,10 +107,18 @@ class Config:
             (0 <= self.warmup < 1, f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}"),
             (min(self.batch_size, self.mask_interval, self.length_groups) >= 1,
              "--batch_size, --mask_interval and --length_groups must be >= 1"),
-            ((self.steps or 0) >= 1 or (self.epochs or 0) > 0, f"--steps must be >= 1, got {self.steps}"),
+            ((self.steps or 0) >= 1 if self.epochs is None else self.epochs > 0, "--steps (--epochs) must be > 0"),
+            (0 < self.lr < math.inf, f"--lr must be a positive number, got {self.lr}"),
+            (self.clip >= 0, f"--clip is a gradient-norm bound > 0 (0: no clipping), got {self.clip}"),
+            (min(self.weight_decay, self.gamma, self.cross) >= 0, "--weight_decay, --gamma and --cross must be >= 0"),
+            (min(self.train_size or 0, self.eval_size or 0, self.eval_every, self.save_every) >= 0,
+             "--train_size, --eval_size (0: all), --eval_every and --save_every (0: never) must be >= 0"),
+            (self.log_every >= 1, f"--log_every must be >= 1, got {self.log_every}"),
+            (self.classifier_dropout is None or 0 <= self.classifier_dropout < 1, "--classifier_dropout is in [0, 1)"),
+            (not (self.resume and self.overwrite), "give --resume or --overwrite, not both"),
             (self.dev_split is None or 0 < self.dev_split < 1, f"--dev_split must be in (0, 1), got {self.dev_split}"),
             (self.max_len >= 8, f"--max_len must be >= 8, got {self.max_len}"),
-            (not self.eval_only or self.load, "--eval_only needs --load PATH (an adapter.pt)"),
+            (bool(self.eval_only) == bool(self.load), "--eval_only and --load PATH (an adapter.pt) go together"),
             (not (self.model and self.hf), "give --model or --hf, not both"),
         ]
         for ok, message in checks:
@@ -156,7 +165,9 @@ def parse_config(argv=None):
             p.add_argument(f"--{f.name}", type=tp, choices=f.metadata["choices"], help=help_text)
     given = vars(p.parse_args(argv))  # only the flags given: presets fill the rest
     values = paper_preset(given.get("task", Config.task)) if given.get("preset") == "paper" else {}
-    return Config(**{**values, **given})
+    cfg = Config(**{**values, **given})
+    cfg.given = frozenset(given)
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -239,7 +250,8 @@ def train(cfg, stop_at=None):
     it, without the final evaluation (a stand-in for a killed run in tests)."""
     rank, world, device, started = setup_distributed(cfg.device)
     try:
-        return _train(cfg, rank, world, device, stop_at)
+        with rundir.claim(cfg) if rank == 0 else contextlib.nullcontext():  # the folder is this run's: lock, checks
+            return _train(cfg, rank, world, device, stop_at)
     finally:
         if started:
             dist.destroy_process_group()
@@ -247,7 +259,7 @@ def train(cfg, stop_at=None):
 
 def _train(cfg, rank, world, device, stop_at):
     say = functools.partial(print, file=sys.stderr, flush=True) if rank == 0 else (lambda *a, **k: None)
-    out_dir = Path(cfg.out_dir or f"runs/{cfg.task}-{cfg.method}-s{cfg.seed}")
+    out_dir = rundir.out_dir_of(cfg)
     if cfg.batch_size % world:
         raise ValueError(f"--batch_size {cfg.batch_size} is the global batch; it must divide by the {world} ranks")
     task = glue.TASKS[cfg.task]
@@ -268,7 +280,7 @@ def _train(cfg, rank, world, device, stop_at):
 
     # model: the backbone, the method injected into it (LoRA²: inject + Pruner)
     backbone, tokenize, pad_id, targets = bert.load_classifier(task.num_labels, cfg.model, cfg.hf,
-                                                               cfg.classifier_dropout)
+                                                               cfg.classifier_dropout, cfg.max_len)
     method = load_method(cfg.method)(backbone, cfg, targets, steps)
     model = method.model.to(device)
     train_enc, train_y = glue.encode(tokenize, train_ex, cfg.max_len)
@@ -298,8 +310,8 @@ def _train(cfg, rank, world, device, stop_at):
     if cfg.resume and state_path.exists():
         run = rundir.load_train_state(state_path, cfg, method, optimizer, scheduler, device)
         say(f"resumed from {state_path} at step {run['global_step']}")
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite and rank == 0:
+        rundir.clear(out_dir)                                   # the previous run goes now, all checks passed
 
     # the loop
     model.train()
@@ -316,7 +328,8 @@ def _train(cfg, rank, world, device, stop_at):
         reg = method.regularizer()                              # R (L3, L4), or None
         loss = loss_task if reg is None else loss_task + cfg.gamma * reg
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.clip)
+        if cfg.clip:                                            # 0: no clipping
+            torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.clip)
         optimizer.step()
         scheduler.step()
         method.after_step(global_step)                          # LoRA²: pruner.step(t), (L5)–(L8)
@@ -342,8 +355,7 @@ def _train(cfg, rank, world, device, stop_at):
             if is_best:
                 run["best"] = {"step": global_step, "metrics": metrics, "state": method.trained_state()}
                 if rank == 0:
-                    rundir.torch_save({"config": dataclasses.asdict(cfg), "step": global_step, "metrics": metrics,
-                                **run["best"]["state"]}, out_dir / "adapter.pt")
+                    rundir.save_adapter(out_dir / "adapter.pt", cfg, global_step, metrics, run["best"]["state"])
             say(f"eval at step {global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                 + (" (best)" if is_best else ""))
             t0 += time.time() - eval_start                       # evaluation time is not training time
@@ -405,17 +417,15 @@ def evaluate(model, dev_data, task, pad_id, device):
 
 def evaluate_checkpoint(cfg):
     """--eval_only --load PATH: rebuild the model of the saved run, load adapter + head, evaluate on the same data."""
-    ck = torch.load(cfg.load, map_location="cpu", weights_only=True)
-    saved = Config(**{**ck["config"], "data_dir": cfg.data_dir or ck["config"]["data_dir"],
-                      "no_download": cfg.no_download, "device": cfg.device})
+    ck, saved = rundir.load_adapter(cfg)
     _, _, device, _ = setup_distributed(saved.device)
     task = glue.TASKS[saved.task]
     _, dev, _ = glue.load(saved.task, saved.data_dir, saved.dev_split, saved.train_size, saved.eval_size,
                           fetch=not saved.no_download)
     backbone, tokenize, pad_id, targets = bert.load_classifier(task.num_labels, saved.model, saved.hf,
-                                                               saved.classifier_dropout)
+                                                               saved.classifier_dropout, saved.max_len)
     method = load_method(saved.method)(backbone, saved, targets)
-    method.load_trained_state(ck)
+    rundir.load_trained(method, ck, cfg.load)
     model = method.model.to(device)
     metrics = evaluate(model, {s: glue.encode(tokenize, ex, saved.max_len) for s, ex in dev.items()}, task, pad_id,
                        device)
@@ -431,8 +441,8 @@ def main(argv=None):
             evaluate_checkpoint(cfg)
         else:
             train(cfg)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        sys.exit(f"train_glue.py: error: {e}")
+    except (ValueError, ImportError, OSError) as e:  # user mistakes, bad files, full disks: one line, no traceback
+        sys.exit(f"train_glue.py: error: {' '.join(str(e).split())}")
 
 
 if __name__ == "__main__":
