@@ -101,7 +101,8 @@ def test_quick_study_end_to_end(tiny, tmp_path):
     assert second.returncode == 0, second.stdout + second.stderr
     assert "0 to run" in second.stdout and "FAILED" not in second.stdout
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")} == mtimes
-    assert len(json.loads((out / "study.json").read_text())["sessions"]) == 2
+    state = json.loads((out / "study.json").read_text())
+    assert len(state["sessions"]) == 2 and state["epochs"] == {"rte": 2, "qnli": 2}
 
     text = md.read_text()
     for task in plan.tasks:

@@ -1165,7 +1165,7 @@ def build_parser():
     w.add_argument("--tasks", help="comma-separated subset of the plan's tasks")
     w.add_argument("--parts", help="comma-separated part numbers to run (1-5; default all, in order)")
     w.add_argument("--epochs", help="TASK=EPOCHS[,...]: train these tasks for fewer epochs than the paper "
-                   "(default sst2=2)")
+                   "(default: the caps recorded in <out>/study.json, else sst2=2)")
     w.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
     w.add_argument("--configs", help="comma-separated subset of the configurations (e.g. lora2-k8,lora-r8)")
     r = p.add_argument_group("running")
@@ -1198,7 +1198,9 @@ def build_parser():
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    epochs = parse_epochs(args.epochs)
+    out = Path(args.out) if args.out else HERE / "runs" / ("paper-quick" if args.quick else "paper")
+    # the caps are part of the plan: without --epochs, the ones the study in --out recorded
+    epochs = parse_epochs(args.epochs) if args.epochs else (read_json(out / "study.json") or {}).get("epochs")
     plan = quick_plan(epochs) if args.quick else full_plan(epochs)
     whole = quick_plan(epochs) if args.quick else full_plan(epochs)  # the report covers the whole plan
     if args.tasks:
@@ -1215,7 +1217,6 @@ def main(argv=None):
                              f"{[c.name for c in plan.configs]}")
         plan.configs = [c for c in plan.configs if c.name in args.configs.split(",")]
     parts = [int(x) for x in args.parts.split(",")] if args.parts else None
-    out = Path(args.out) if args.out else HERE / "runs" / ("paper-quick" if args.quick else "paper")
     results_md = Path(args.results) if args.results else (out / "RESULTS.md" if args.quick else HERE / "RESULTS.md")
     png = Path(args.png) if args.png else results_md.with_name("results.png")
     data_dir = args.data_dir or os.environ.get("GLUE_DIR") or "glue_data"
@@ -1357,6 +1358,10 @@ def run_study(plan, runs, args, argv, out, data_dir, results_md, png, whole):
     index = len(state["sessions"]) - 1
     state["model"] = model_info(args.model)
     state["train_sizes"] = sizes
+    if state.get("epochs", plan.epochs) != plan.epochs:
+        print(f"note: the study in {out} recorded the caps {state['epochs']}; this session's are {plan.epochs}",
+              flush=True)
+    state["epochs"] = plan.epochs
     state["constant_scores"] = constant_scores(plan, data_dir)
 
     def save_state():
