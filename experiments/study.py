@@ -1,18 +1,33 @@
-"""The side-by-side GLUE study: LoRA² against LoRA, AdaLoRA and full fine-tuning; one backbone, one loop.
+"""The GLUE study at the paper's schedules (issue 14): LoRA² against LoRA, AdaLoRA and full fine-tuning.
 
-    python experiments/study.py --prepare .device/study --data_dir ../shared/glue   # fp16 backbone + GLUE files
-    python experiments/study.py --device cuda --jobs 16 --steps 200 --model .device/study/model \
-        --data_dir .device/study/glue                     # lr sweep, then the grid, then RESULTS.md + results.png
-    python experiments/study.py --report_only             # rewrite RESULTS.md and results.png from the runs' JSONs
-    python experiments/study.py --quick --model DIR --data_dir DIR   # a tiny CPU grid in seconds (CI runs it)
+    python experiments/study.py --plan                       # the runs in priority order, their steps and estimates
+    python experiments/study.py --prepare .device/paper      # fp16 backbone + GLUE files to carry (50 MiB)
+    # on the GPU machine (carrying .device/paper), one call of at most 10 minutes, as often as needed:
+    python3 experiments/study.py --device cuda --gpus 2 --jobs 16 --compile --time_limit 540 --no_report \
+        --model .device/paper/model --data_dir .device/paper/glue --pack $OUT/paper.tar.gz
+    python experiments/study.py --unpack .../paper.tar.gz    # here: the finished runs into experiments/runs/paper/
+    python experiments/study.py --report_only                # RESULTS.md + results.png from the committed JSONs
+    python experiments/study.py --quick --model DIR --data_dir DIR        # a tiny CPU plan in seconds (the tests)
 
-Each run is one `train_glue.py` process writing <out>/<run-id>/metrics.json (and its log, log.txt). A run whose
-metrics.json exists is skipped, so an interrupted study resumes; a failed run is logged and reported, never fatal.
-Phases, in order: smoke (with --steps auto: every method on every task for a few steps, which also measures the speed),
-sweep (learning rates per method family on one task, one seed), grid (task × configuration × seed; main methods first,
-then ablations). Standard library, numpy and the project's modules; matplotlib only for the PNG.
+The plan is task × configuration × seed, every run `train_glue.py --preset paper` (SPEC §5: the paper's epochs, lr,
+warm-up, t_i, t_f, mask interval, γ, dropout, weight decay, batch 32) with the configuration's flags on top, 3 seeds.
+Runs go in priority order, so a study cut short by the device time holds the most important runs:
+  1. CoLA and RTE: LoRA² k=8 and LoRA r=8 (the issue's must-haves)
+  2. CoLA and RTE: LoRA² k=1, AdaLoRA, full fine-tuning
+  3. QNLI (a fixed split of dev.tsv: non-standard): the five methods
+  4. SST-2, capped (`--epochs sst2=E`, default 2 of the paper's 24 epochs; warm-up, t_i and t_f stay the preset's
+     fractions of T, the mask interval shrinks with T)
+  5. ablations of LoRA² k=8 on CoLA and RTE: γ = 0, no pruning, importance on all factors, the paper's init
+Each run is one train_glue.py process writing experiments/runs/paper/<run-id>/ (metrics.json, log.txt, and
+study_run.json: status, times, GPU). A run whose metrics.json exists is skipped, so a rerun continues the study. With
+--time_limit a run starts only if it is estimated to end in time (speeds measured from the running runs' logs), and the
+runs still going then are stopped. Runs save train_state.pt every 10 % of their steps and always start with --resume:
+a stopped run continues from its checkpoint in the next invocation on the same machine (--detach keeps a study going
+across calls of a warm machine), or on a fresh one when `--pack_states` carried its checkpoint back (5.6–7.7 MiB for an
+adapter run). A failed run is logged and reported, never fatal.
 """
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -23,12 +38,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 HERE = Path(__file__).resolve().parent  # experiments/: RESULTS.md, results.png, runs/
 ROOT = HERE.parent                       # the repository: train_glue.py, lora2.py, bert.py
@@ -37,162 +52,214 @@ sys.path.insert(0, str(ROOT))
 import bert  # noqa: E402
 import glue  # noqa: E402
 import lora2  # noqa: E402
+import train_glue  # noqa: E402
 from rundir import fmt_time  # noqa: E402
+
+PAPER = train_glue.PAPER  # task: lr, epochs, max_len, r, target_rank, alpha, t_i, t_f, mask_interval, gamma, warmup,
+                          # cls dropout, wd (SPEC §5)
+PAPER_FIELDS = ("lr", "epochs", "max_len", "r", "target_rank", "alpha", "t_i", "t_f", "mask_interval", "gamma",
+                "warmup", "classifier_dropout", "weight_decay")
+DEFAULT_OUT = HERE / "runs" / "paper"
+OLD_STUDY = HERE / "runs" / "study"      # the 200-step study of issue 6: the appendix
+atomic_write = lora2.atomic_write
+
+
+def paper(task, key):
+    return PAPER[task][PAPER_FIELDS.index(key)]
+
+
+def paper_steps(task):
+    """T of the paper's schedule: its epochs over the full training set in batches of 32 (as train_glue's preset)."""
+    return paper(task, "epochs") * math.ceil(glue.TASKS[task].train_size / 32)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the grid
+# the plan
 
 
 @dataclass(frozen=True)
-class Method:
-    """One configuration of the grid: a train_glue.py method with its flags; lr comes from its family's sweep."""
-    name: str          # short id, part of the run-id
+class Config:
+    """One configuration: train_glue.py flags on top of `--preset paper`. A value "r" means the task's preset r."""
+    name: str          # part of the run-id
     label: str         # as printed in RESULTS.md
-    family: str        # the sweep whose learning rate it uses
-    flags: tuple       # ((flag, value), ...) for train_glue.py, --method included
-    group: str = "main"  # "main" or "ablation" (ablations run after every main run)
+    flags: tuple       # ((flag, value), ...), --method included
+    ablation: bool = False
 
     def arg(self, key):
         return dict(self.flags).get(key)
 
+    def resolved(self, task):
+        return {k: (paper(task, "r") if v == "r" else v) for k, v in self.flags}
+
+
+LORA2 = (("method", "lora2"), ("init", "orthogonal"), ("scored", "inner"), ("cross", 0.0))  # pinned, not defaults
+FULL_LR = 5e-5
+
+CONFIGS = [
+    Config("lora2-k8", "LoRA² k=8", LORA2 + (("k", 8),)),
+    Config("lora-r8", "LoRA r=8", (("method", "lora"), ("r", 8))),
+    Config("lora2-k1", "LoRA² k=1", LORA2 + (("k", 1),)),
+    Config("adalora", "AdaLoRA", (("method", "adalora"),)),
+    Config("full", "Full FT", (("method", "full"), ("lr", FULL_LR))),
+    Config("lora2-k8-gamma0", "LoRA² k=8, γ = 0 (no regulariser)", LORA2 + (("k", 8), ("gamma", 0.0)), True),
+    Config("lora2-k8-noprune", "LoRA² k=8, no pruning (target rank = r)", LORA2 + (("k", 8), ("target_rank", "r")),
+           True),
+    Config("lora2-k8-scoredall", "LoRA² k=8, importance on all factors", LORA2[:2] + (("scored", "all"),)
+           + LORA2[3:] + (("k", 8),), True),
+    Config("lora2-k8-paperinit", "LoRA² k=8, the paper's init N(0, 0.02²)", (("method", "lora2"), ("init", "paper"))
+           + LORA2[2:] + (("k", 8),), True),
+]
+
+
+@dataclass(frozen=True)
+class Part:
+    """A group of runs in the priority order: every task × configuration of it, for every seed."""
+    name: str
+    tasks: tuple
+    configs: tuple
+
 
 @dataclass
 class Plan:
-    """Everything that fixes the study's runs (besides the swept learning rates)."""
-    tasks: dict        # task -> extra train_glue.py flags (data sizes, splits)
-    methods: list      # [Method], main ones first
-    sweep_task: str
-    sweep_lrs: dict    # family -> [lr, ...]; the family's sweep runs Method `family` itself
+    tasks: dict                 # task -> extra train_glue.py flags (QNLI: the dev split)
+    epochs: dict                # task -> epochs when not the paper's (the cap)
+    configs: list               # [Config]
+    parts: list                 # [Part], in priority order
     seeds: list
-    common: dict       # train_glue.py flags shared by every run (steps excluded)
-    smoke_steps: int = 60
-    step_choices: tuple = (1000, 900, 800, 700, 600, 500, 400, 300, 250, 200)
+    common: dict = field(default_factory=dict)  # flags of every run on top of the preset (--quick: tiny batches)
+    evals: int = 20             # evaluations per run (--eval_every = steps // evals)
+    saves: int = 10             # train_state.pt checkpoints per run (--save_every = steps // saves)
+    logs: int = 50              # progress lines per run
+    batch: int = 32
+
+    def config(self, name):
+        return next(c for c in self.configs if c.name == name)
 
 
-PRUNE = (("init_warmup", 0.1), ("final_warmup", 0.3), ("mask_interval", 10), ("gamma", 0.1))  # L7/L8 schedule, γ (L3)
+MAIN = ("lora2-k8", "lora-r8", "lora2-k1", "adalora", "full")
+ABLATIONS = ("lora2-k8-gamma0", "lora2-k8-noprune", "lora2-k8-scoredall", "lora2-k8-paperinit")
 
 
-def lora2_flags(k, *extra):
-    """train_glue.py flags of LoRA² with inner width k (r = 8 singular values pruned to 2 on average), overridden by
-    the (flag, value) pairs in extra."""
-    base = dict((("method", "lora2"), ("r", 8), ("k", k), ("alpha", 16), ("target_rank", 2), ("init", "orthogonal"),
-                 ("scored", "inner"), ("cross", 0.0)) + PRUNE)
-    base.update(extra)
-    return tuple(base.items())
-
-
-def full_plan():
-    """The grid of issue 6 (s = alpha / r = 2 for every adapter; AdaLoRA budgets are final average ranks, as in the
-    AdaLoRA paper's table, starting from 1.5× as many singular values)."""
-    methods = [
-        Method("full", "Full FT", "full", (("method", "full"),)),
-        Method("lora-r8", "LoRA r=8", "lora-r8", (("method", "lora"), ("r", 8), ("alpha", 16))),
-        Method("lora-r1", "LoRA r=1", "lora-r8", (("method", "lora"), ("r", 1), ("alpha", 2),
-                                                  ("target_rank", 1))),  # unused by LoRA; train_glue.py checks it <= r
-        Method("adalora-b8", "AdaLoRA b=8 (init 12)", "adalora-b8",
-               (("method", "adalora"), ("r", 12), ("alpha", 24), ("target_rank", 8)) + PRUNE),
-        Method("adalora-b2", "AdaLoRA b=2 (init 3)", "adalora-b8",
-               (("method", "adalora"), ("r", 3), ("alpha", 6), ("target_rank", 2)) + PRUNE),
-        Method("lora2-k8", "LoRA² k=8", "lora2-k8", lora2_flags(8)),
-        Method("lora2-k1", "LoRA² k=1", "lora2-k8", lora2_flags(1)),
-        Method("lora2-k8-gamma0", "LoRA² k=8, no regulariser (γ=0)", "lora2-k8", lora2_flags(8, ("gamma", 0.0)),
-               "ablation"),
-        Method("lora2-k8-cross", "LoRA² k=8, cross-plane term L4 on", "lora2-k8", lora2_flags(8, ("cross", 1.0)),
-               "ablation"),
-        Method("lora2-k8-scoredall", "LoRA² k=8, importance on all factors", "lora2-k8",
-               lora2_flags(8, ("scored", "all")), "ablation"),
-        Method("lora2-k8-noprune", "LoRA² k=8, no pruning (target rank = r)", "lora2-k8",
-               lora2_flags(8, ("target_rank", 8)), "ablation"),
-        Method("lora2-k8-paperinit", "LoRA² k=8, paper init N(0, 0.02²)", "lora2-k8", lora2_flags(8, ("init", "paper")),
-               "ablation"),
-    ]
-    adapter_lrs = [1e-3, 2e-3, 5e-3, 1e-2]
+def full_plan(epochs=None):
+    """The study of issue 14; epochs: {task: epochs} overriding the paper's (default: SST-2 capped at 2 of 24)."""
     return Plan(
-        tasks={"cola": {"train_size": 0}, "sst2": {"train_size": 8000}, "rte": {"train_size": 0},
-               "qnli": {"train_size": 0, "dev_split": 0.3}},
-        methods=methods, sweep_task="sst2",
-        sweep_lrs={"full": [2e-5, 5e-5, 1e-4, 2e-4], "lora-r8": adapter_lrs, "adalora-b8": adapter_lrs,
-                   "lora2-k8": adapter_lrs},
-        seeds=[0, 1, 2],
-        common={"batch_size": 32, "max_len": 128, "warmup": 0.06, "weight_decay": 0.01, "clip": 1.0, "eval_every": 0})
+        tasks={"cola": {}, "rte": {}, "qnli": {"dev_split": 0.3}, "sst2": {}},
+        epochs={"sst2": 2, **(epochs or {})}, configs=list(CONFIGS),
+        parts=[Part("must-have: CoLA, RTE × LoRA² k=8, LoRA r=8", ("cola", "rte"), ("lora2-k8", "lora-r8")),
+               Part("CoLA, RTE × LoRA² k=1, AdaLoRA, full FT", ("cola", "rte"), ("lora2-k1", "adalora", "full")),
+               Part("QNLI × the five methods", ("qnli",), MAIN),
+               Part("SST-2 (capped) × the five methods", ("sst2",), MAIN),
+               Part("ablations of LoRA² k=8 on CoLA, RTE", ("cola", "rte"), ABLATIONS)],
+        seeds=[0, 1, 2])
 
 
-def quick_plan():
-    """A tiny grid for CI: one task (QNLI's dev split), LoRA² and full fine-tuning, two seeds, a two-point sweep."""
-    methods = [
-        Method("full", "Full FT", "full", (("method", "full"),)),
-        Method("lora2-k2", "LoRA² k=2", "lora2-k2", lora2_flags(2, ("r", 4), ("alpha", 8), ("mask_interval", 1))),
-    ]
+def quick_plan(epochs=None):
+    """A tiny plan for CI (8 runs): RTE and QNLI's dev split of the tests' synthetic files, 2 epochs of batch 4, two
+    seeds; the full plan's configurations, a few of them."""
+    plan = full_plan()
     return Plan(
-        tasks={"qnli": {"dev_split": 0.5, "train_size": 16, "eval_size": 16}},
-        methods=methods, sweep_task="qnli", sweep_lrs={"full": [1e-3], "lora2-k2": [1e-3, 1e-2]}, seeds=[0, 1],
-        common={"batch_size": 4, "max_len": 16, "eval_every": 0}, smoke_steps=4, step_choices=(8, 6, 4))
+        tasks={"rte": {}, "qnli": {"dev_split": 0.5}}, epochs={"rte": 2, "qnli": 2, **(epochs or {})},
+        configs=[plan.config(n) for n in ("lora2-k8", "lora-r8", "full", "lora2-k8-gamma0")],
+        parts=[Part("must-have: RTE × LoRA² k=8, LoRA r=8", ("rte",), ("lora2-k8", "lora-r8")),
+               Part("QNLI × full FT", ("qnli",), ("full",)),
+               Part("ablation on RTE", ("rte",), ("lora2-k8-gamma0",))],
+        seeds=[0, 1], common={"batch_size": 4, "max_len": 16}, evals=2, saves=2, logs=2, batch=4)
 
 
 @dataclass(frozen=True)
 class Run:
-    phase: str         # "smoke", "sweep" or "grid"
     task: str
-    method: Method
+    config: Config
     seed: int
-    lr: float
-    steps: int
+    epochs: float      # the epochs this run trains (the paper's unless capped)
+    part: int          # index into plan.parts
+
+    @property
+    def capped(self):
+        return self.epochs != paper(self.task, "epochs")
 
     @property
     def id(self):
-        return f"{self.task}-{self.method.name}-lr{self.lr:g}-s{self.seed}"
+        return f"{self.task}{f'-{self.epochs:g}ep' if self.capped else ''}-{self.config.name}-s{self.seed}"
 
-    @property
-    def dir_name(self):
-        return f"smoke/{self.id}" if self.phase == "smoke" else self.id
+    def steps(self, n_train, batch):
+        """Optimiser steps as train_glue.py computes them from --epochs (the last partial batch dropped)."""
+        return math.ceil(self.epochs * (n_train // batch))
 
-    def argv(self, plan, args):
-        flags = {"task": self.task, **plan.common, **plan.tasks[self.task], **dict(self.method.flags),
-                 "lr": self.lr, "seed": self.seed, "steps": self.steps,
-                 "log_every": max(1, self.steps // (3 if self.phase == "smoke" else 5)), "device": args.device}
+    def flags(self, plan, n_train):
+        """The flags that fix what the run computes (checked against a finished run's metrics.json)."""
+        steps = self.steps(n_train, plan.batch)
+        interval = max(1, round(paper(self.task, "mask_interval") * steps / paper_steps(self.task)))
+        flags = {"task": self.task, "preset": "paper", **plan.common, **plan.tasks[self.task]}
+        if self.capped:
+            flags["epochs"] = self.epochs
+        flags.update(mask_interval=interval, **self.config.resolved(self.task), seed=self.seed,
+                     eval_every=max(1, steps // plan.evals))
+        return flags
+
+    def argv(self, plan, n_train, args, folder):
+        """train_glue.py's command line: flags(), then where and how it runs (resumable, logged)."""
+        steps = self.steps(n_train, plan.batch)
+        control = {"out_dir": folder, "save_every": max(1, steps // plan.saves), "log_every": max(1, steps // plan.logs),
+                   "device": args.device}
         if args.model:
-            flags["model"] = args.model
+            control["model"] = args.model
         if args.data_dir:
-            flags["data_dir"] = args.data_dir
-        argv = ["--no_download"]
-        for key, value in flags.items():
+            control["data_dir"] = args.data_dir
+        argv = []
+        for key, value in {**self.flags(plan, n_train), **control}.items():
             argv += [f"--{key}", str(value)]
-        return argv
+        argv += ["--resume", "--no_download"] + (["--compile"] if args.compile else [])
+        return argv + (args.train_args.split() if args.train_args else [])
 
 
-def method_by_name(plan, name):
-    return next(m for m in plan.methods if m.name == name)
+def run_prefix(plan, task, conf):
+    """The run-id without its seed: <task>[-<E>ep]-<configuration>."""
+    return Run(task, conf, 0, plan.epochs.get(task, paper(task, "epochs")), 0).id.rsplit("-s", 1)[0]
 
 
-def smoke_runs(plan):
-    """Every sweep family (the method that names it) on every task, a few steps, at the middle of its lr sweep."""
-    return [Run("smoke", task, method_by_name(plan, fam), 0, lrs[len(lrs) // 2], plan.smoke_steps)
-            for fam, lrs in plan.sweep_lrs.items() for task in plan.tasks]
-
-
-def sweep_runs(plan, steps):
-    return [Run("sweep", plan.sweep_task, method_by_name(plan, fam), plan.seeds[0], lr, steps)
-            for fam, lrs in plan.sweep_lrs.items() for lr in lrs]
-
-
-def grid_runs(plan, steps, lrs):
-    """Main methods for every seed before any ablation; within a group, seed-major (all tasks and methods of one seed,
-    then the next), so a study cut short still has complete seeds. Methods whose family has no lr are left out."""
+def plan_runs(plan, parts=None):
+    """Every run of the plan in priority order: part by part; within a part seed by seed (so a study cut short still
+    has whole seeds), the longer task first."""
     runs = []
-    for group in ("main", "ablation"):
+    for i, part in enumerate(plan.parts):
+        if parts is not None and i + 1 not in parts:
+            continue
+        tasks = [t for t in part.tasks if t in plan.tasks]
+        names = {c.name for c in plan.configs}
         for seed in plan.seeds:
-            for method in plan.methods:
-                if method.group == group and method.family in lrs:
-                    runs += [Run("grid", task, method, seed, lrs[method.family], steps) for task in plan.tasks]
+            for task in tasks:
+                for name in part.configs:
+                    if name in names:
+                        runs.append(Run(task, plan.config(name), seed, plan.epochs.get(task, paper(task, "epochs")),
+                                        i))
     return runs
+
+
+def train_sizes(plan, data_dir):
+    """{task: training examples} as train_glue.py will load them (full train.tsv, or the dev split)."""
+    sizes = {}
+    for task, flags in plan.tasks.items():
+        train, _, _ = glue.load(task, data_dir, flags.get("dev_split"))
+        sizes[task] = len(train)
+    return sizes
+
+
+def constant_scores(plan, data_dir):
+    """{task: the main metric of the best constant predictor on the eval set}: MCC 0, else the majority class share."""
+    scores = {}
+    for task, flags in plan.tasks.items():
+        if glue.TASKS[task].metrics[0] == "mcc":
+            scores[task] = 0.0
+            continue
+        _, dev, _ = glue.load(task, data_dir, flags.get("dev_split"))
+        labels = np.array([y for _, _, y in next(iter(dev.values()))])
+        scores[task] = float(np.bincount(labels.astype(int)).max() / len(labels))
+    return scores
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # bookkeeping
-
-
-atomic_write = lora2.atomic_write
 
 
 def read_json(path):
@@ -203,26 +270,47 @@ def read_json(path):
 
 
 def result_of(out, run):
-    """The run's metrics.json as a dict, or None if it has not finished; refuses a JSON from another plan."""
-    m = read_json(out / run.dir_name / "metrics.json")
-    if m is not None and (m.get("steps") != run.steps or m.get("task") != run.task or m.get("seed") != run.seed):
-        raise ValueError(f"{out / run.dir_name / 'metrics.json'} has task {m.get('task')}, seed {m.get('seed')}, "
-                         f"{m.get('steps')} steps; this plan expects {run.task}, {run.seed}, {run.steps}: "
-                         f"use another --out for a different study")
-    return m
+    """The run's metrics.json as a dict, or None if it has not finished."""
+    return read_json(out / run.id / "metrics.json")
 
 
-def choose_lrs(plan, out, steps):
-    """{family: lr} with the best sweep score (ties: the smaller lr), and the sweep table {family: {lr: score}}."""
-    table, chosen = {}, {}
-    for run in sweep_runs(plan, steps):
+def expected_config(run, plan, n_train):
+    """train_glue.py's Config of the run as a dict: its flags() over the preset, resolved by train_glue itself."""
+    argv = []
+    for key, value in run.flags(plan, n_train).items():
+        argv += [f"--{key}", str(value)]
+    return dataclasses.asdict(train_glue.parse_config(argv))
+
+
+def mismatches(run, m, plan, n_train=None):
+    """The settings in which a finished run's metrics.json differs from the plan (empty: it is this plan's run): every
+    value the preset or the run's flags set, and the steps. Without n_train, the values that depend on the training
+    set's size are left out."""
+    want, args, bad = expected_config(run, plan, n_train or 0), m.get("args", {}), []
+    keys = (set(train_glue.paper_preset(run.task)) | set(run.flags(plan, 0))) - {"preset", "epochs", "steps"}
+    if n_train is None:
+        keys -= {"eval_every", "mask_interval"}
+    for key in sorted(keys):
+        if args.get(key) != want[key]:
+            bad.append(f"--{key} {args.get(key)} (plan: {want[key]})")
+    if n_train is not None and m.get("steps") != run.steps(n_train, plan.batch):
+        bad.append(f"{m.get('steps')} steps (plan: {run.steps(n_train, plan.batch)})")
+    return bad
+
+
+def check_finished(plan, out, runs, sizes):
+    """Refuse to mix studies: every finished run must have been trained with this plan's flags."""
+    bad = {}
+    for run in runs:
         m = result_of(out, run)
-        table.setdefault(run.method.family, {})[run.lr] = None if m is None else m["main_metric"]
-    for fam, scores in table.items():
-        done = {lr: s for lr, s in scores.items() if s is not None}
-        if done and len(done) == len(scores):
-            chosen[fam] = max(sorted(done), key=lambda lr: done[lr])
-    return chosen, table
+        if m is not None:
+            problems = mismatches(run, m, plan, sizes.get(run.task))
+            if problems:
+                bad[run.id] = problems
+    if bad:
+        lines = [f"  {k}: {', '.join(v)}" for k, v in list(bad.items())[:10]]
+        raise SystemExit(f"study.py: error: {len(bad)} finished runs in {out} differ from this plan:\n"
+                         + "\n".join(lines) + "\nmove them away or use another --out")
 
 
 def hardware():
@@ -234,76 +322,211 @@ def hardware():
         info["gpus"] = [g.strip() for g in gpus.splitlines() if g.strip()]
     except (OSError, subprocess.SubprocessError):
         info["gpus"] = []
+    try:
+        import torch
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
     return info
+
+
+def gpu_count():
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# speed: what the logs say, for the time limit and the progress lines
+
+ATTEMPT = "=== study.py attempt"
+PROGRESS = re.compile(r"^step\s+(\d+)/(\d+) .*\| (\d+(?:\.\d+)?) ex/s", re.M)
+
+
+def last_attempt(log_text):
+    return log_text.rsplit(ATTEMPT, 1)[-1]
+
+
+def parse_speed(log_text, batch_size):
+    """(steps, seconds) of training between the first and last progress lines of the log's last attempt, or None.
+    Each line's ex/s is cumulative since the (re)start, evaluation excluded, so the difference leaves the first steps'
+    warm-up (and compilation) out."""
+    text = last_attempt(log_text)
+    start = re.search(r"resumed from .* at step (\d+)", text)
+    s_start = int(start.group(1)) if start else 0
+    points = [(int(s), (int(s) - s_start) * batch_size / float(r)) for s, _, r in PROGRESS.findall(text)
+              if float(r) > 0 and int(s) > s_start]
+    if len(points) < 2:
+        return None
+    (s0, t0), (s1, t1) = points[0], points[-1]
+    return (s1 - s0, t1 - t0) if s1 > s0 and t1 > t0 else None
+
+
+def log_step(log_text):
+    """The last step a progress line of the log reports (0 if none)."""
+    found = PROGRESS.findall(log_text[-20000:])
+    return int(found[-1][0]) if found else 0
+
+
+def read_tail(path, size=20000):
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - size))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+class Speeds:
+    """Seconds per step by (task, method), measured from the logs of this invocation's runs (running or finished);
+    a prior before any is measured."""
+
+    def __init__(self, step_s, startup_s):
+        self.step_s, self.startup_s = step_s, startup_s
+        self.measured = {}   # run-id -> (task, method, s per step)
+        self.overheads = []  # seconds a finished run spent outside its training steps (start-up, evaluation)
+
+    def note(self, run, log_text, batch):
+        speed = parse_speed(log_text, batch)
+        if speed:
+            self.measured[run.id] = (run.task, run.config.arg("method"), speed[1] / speed[0])
+
+    def per_step(self, run):
+        method = run.config.arg("method")
+        for same in (lambda t, m: (t, m) == (run.task, method), lambda t, m: t == run.task):
+            values = [s for t, m, s in self.measured.values() if same(t, m)]
+            if values:
+                return float(np.median(values))
+        return self.step_s
+
+    def estimate(self, run, steps_left):
+        overhead = float(np.median(self.overheads)) if self.overheads else self.startup_s
+        return overhead + steps_left * self.per_step(run)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # running
 
 
-def run_all(runs, plan, args, out, deadline=None, estimate=None, history=None):
-    """Run the runs not finished yet, args.jobs at a time; return {run-id: status} for the ones attempted or skipped
-    ("ok", "failed (exit N)", "killed at the time limit", "not started (time limit)").
+def run_all(runs, plan, sizes, args, out, deadline=None, speeds=None, session=None):
+    """Run the unfinished runs, args.jobs at a time over args.gpus GPUs (the least busy first); return {run-id: status}.
 
-    estimate(run) -> expected seconds; with a deadline, a run is only started if it should end before it, and runs
-    still going at the deadline are killed. history: {(task, family): [seconds]} of finished runs, appended to."""
+    With a deadline, a run starts only if it is estimated to end before it (--partial: any run, while a minute or a
+    quarter of the time limit is left);
+    the runs still going then are stopped (SIGTERM, then SIGKILL) and resume from their last train_state.pt next time.
+    Prints a line per finished run and a progress line every --progress seconds."""
     todo = [r for r in runs if result_of(out, r) is None]
     print(f"{len(runs) - len(todo)} of {len(runs)} runs already done, {len(todo)} to run", flush=True)
-    status, running, durations, started = {}, {}, [], time.time()
+    speeds = speeds or Speeds(args.step_s, args.startup_s)
+    status, running, started, last_progress = {}, {}, time.time(), time.time()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
-    total = len(todo)
+    share = str(max(1, (os.cpu_count() or 1) // max(1, args.jobs)))  # each run's share of the CPU cores
+    env.setdefault("OMP_NUM_THREADS", share)
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", share)   # with --compile: no 32-worker pool in each of 16 runs
+    total, n_done = len(todo), 0
+
+    def steps_left(run):
+        state = read_json(out / run.id / "study_run.json") or {}
+        saved = state.get("saved_step", 0) if (out / run.id / "train_state.pt").exists() else 0
+        return run.steps(sizes[run.task], plan.batch) - saved
+
+    def finish(proc, code, note=None):
+        run, log, t0, gpu = running.pop(proc)
+        log.close()
+        folder = out / run.id
+        elapsed = time.time() - t0
+        text = (folder / "log.txt").read_text(encoding="utf-8", errors="replace")
+        speeds.note(run, text, plan.batch)
+        m = read_json(folder / "metrics.json")
+        ok = code == 0 and m is not None
+        prev = read_json(folder / "study_run.json") or {}
+        record = {"status": "ok" if ok else (note or f"failed (exit {code})"), "returncode": code,
+                  "elapsed_s": round(elapsed, 1), "elapsed_total_s": round(prev.get("elapsed_total_s", 0) + elapsed, 1),
+                  "attempts": prev.get("attempts", 0) + 1, "gpu": gpu, "jobs": args.jobs, "gpus": args.gpus,
+                  "part": run.part + 1, "session": session, "window_s": [round(t0 - started, 1),
+                                                                         round(time.time() - started, 1)],
+                  "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()) if ok else None,
+                  "command": " ".join(proc.args)}
+        if ok:
+            speed = parse_speed(text, plan.batch)   # what the run spent outside its steady steps: start-up, compilation,
+            resumed = re.search(r"resumed from .* at step (\d+)", last_attempt(text))   # evaluation, the report
+            done = m["steps"] - (int(resumed.group(1)) if resumed else 0)
+            speeds.overheads.append(max(0.0, elapsed - done * speed[1] / speed[0]) if speed else
+                                    max(0.0, elapsed - m["wall_s"]))
+            for name in ("train_state.pt",):  # resumable state of a finished run: no longer needed
+                (folder / name).unlink(missing_ok=True)
+        else:
+            step = log_step(last_attempt(text))
+            save_every = max(1, run.steps(sizes[run.task], plan.batch) // plan.saves)
+            record["last_step"] = step
+            record["saved_step"] = max(prev.get("saved_step", 0), step // save_every * save_every) \
+                if (folder / "train_state.pt").exists() else 0
+        atomic_write(folder / "study_run.json", json.dumps(record, indent=1) + "\n")
+        status[run.id] = record["status"]
+        return run, m, ok, record
+
     try:
         while todo or running:
             now = time.time()
             while todo and len(running) < args.jobs:
-                run = todo[0]
-                if deadline is not None and now + (estimate(run) if estimate else 0) > deadline:
+                pick = None
+                for run in todo:
+                    if deadline is None or now + speeds.estimate(run, steps_left(run)) <= deadline:
+                        pick = run
+                        break
+                if pick is None and args.partial and deadline is not None and \
+                        now < deadline - min(60.0, args.time_limit / 4):
+                    pick = todo[0]
+                if pick is None:
                     break
-                todo.pop(0)
-                folder = out / run.dir_name
+                todo.remove(pick)
+                folder = out / pick.id
                 folder.mkdir(parents=True, exist_ok=True)
-                log = open(folder / "log.txt", "w")
-                cmd = [sys.executable, str(TRAIN_SCRIPT), *run.argv(plan, args), "--out_dir", str(folder)]
-                log.write(" ".join(cmd) + "\n")
+                cmd = [sys.executable, str(TRAIN_SCRIPT), *pick.argv(plan, sizes[pick.task], args, folder)]
+                log = open(folder / "log.txt", "a")
+                log.write(f"{ATTEMPT} {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: {' '.join(cmd)}\n")
                 log.flush()
-                gpu = min(range(args.gpus), key=lambda g: sum(1 for v in running.values() if v[3] == g))
-                run_env = dict(env, CUDA_VISIBLE_DEVICES=str(gpu)) if args.gpus > 1 else env
+                gpu = min(range(max(1, args.gpus)), key=lambda g: sum(1 for v in running.values() if v[3] == g))
+                run_env = dict(env, CUDA_VISIBLE_DEVICES=str(gpu)) if args.gpus >= 1 else env
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env, cwd=ROOT)
-                running[proc] = (run, log, time.time(), gpu)
-            if deadline is not None and todo and not running:  # nothing left fits before the deadline
-                break
+                running[proc] = (pick, log, time.time(), gpu if args.gpus >= 1 else None)
+            if not running:
+                break  # nothing left that fits before the deadline
             if deadline is not None and time.time() > deadline:
-                for proc, (run, log, t0, _) in running.items():
-                    proc.kill()
-                    proc.wait()
-                    log.close()
-                    status[run.id] = "killed at the time limit"
-                    atomic_write(out / run.dir_name / "study_run.json",
-                                 json.dumps({"status": status[run.id], "elapsed_s": round(time.time() - t0, 2)}) + "\n")
-                    print(f"killed {run.id} at the time limit", flush=True)
-                running = {}
+                for proc in list(running):
+                    proc.terminate()
+                for proc in list(running):
+                    try:
+                        proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+                    run, _, _, rec = finish(proc, proc.returncode, "stopped at the time limit")
+                    print(f"stopped {run.id} at the time limit at step {rec.get('last_step')} "
+                          f"(checkpoint at step {rec.get('saved_step')})", flush=True)
                 break
-            time.sleep(0.2)
+            time.sleep(0.5)
             for proc in [p for p in running if p.poll() is not None]:
-                run, log, t0, gpu = running.pop(proc)
-                log.close()
-                durations.append(time.time() - t0)
-                if history is not None and proc.returncode == 0:
-                    history.setdefault((run.task, run.method.family), []).append(durations[-1])
-                m = read_json(out / run.dir_name / "metrics.json")
-                ok = proc.returncode == 0 and m is not None
-                status[run.id] = "ok" if ok else f"failed (exit {proc.returncode})"
-                atomic_write(out / run.dir_name / "study_run.json", json.dumps(
-                    {"status": status[run.id], "returncode": proc.returncode, "elapsed_s": round(durations[-1], 2),
-                     "gpu": gpu if args.gpus > 1 else None, "command": " ".join(proc.args)}) + "\n")
-                done = sum(1 for s in status.values() if s == "ok" or s.startswith("failed"))
-                left = len(todo) + len(running)
-                eta = np.mean(durations) * left / max(1, min(args.jobs, left)) if left else 0
-                what = (f"{m['main_metric_name']} {m['main_metric']:.4f}" if ok
-                        else f"FAILED (exit {proc.returncode}), see {out / run.dir_name / 'log.txt'}")
-                print(f"[{done}/{total}] {run.id}: {what} ({time.time() - t0:.0f} s) | {len(running)} running | "
-                      f"elapsed {fmt_time(time.time() - started)} | ETA {fmt_time(eta)}", flush=True)
+                run, m, ok, rec = finish(proc, proc.returncode)
+                n_done += 1
+                what = (f"{m['main_metric_name']} {m['main_metric']:.4f} at step {m['best_step']} of {m['steps']}"
+                        if ok else f"FAILED (exit {proc.returncode}), see {out / run.id / 'log.txt'}")
+                print(f"[{n_done}/{total}] {run.id}: {what} ({rec['elapsed_s']:.0f} s) | {len(running)} running | "
+                      f"elapsed {fmt_time(time.time() - started)}", flush=True)
+            if time.time() - last_progress >= args.progress and running:
+                last_progress = time.time()
+                cells = []
+                for proc, (run, _, t0, gpu) in running.items():
+                    text = (out / run.id / "log.txt").read_text(encoding="utf-8", errors="replace")
+                    speeds.note(run, text, plan.batch)
+                    step = log_step(last_attempt(text))
+                    cells.append(f"{run.id} {step}/{run.steps(sizes[run.task], plan.batch)}")
+                left = (f", {fmt_time(deadline - time.time())} to the time limit" if deadline else "")
+                print(f"-- {fmt_time(time.time() - started)}: {len(running)} running ({'; '.join(cells)}), "
+                      f"{len(todo)} waiting{left}", flush=True)
     except KeyboardInterrupt:
         for proc in running:
             proc.send_signal(signal.SIGINT)
@@ -313,62 +536,13 @@ def run_all(runs, plan, args, out, deadline=None, estimate=None, history=None):
     return status
 
 
-def parse_speed(log_text, batch_size):
-    """(steps, seconds) of training between the first and last progress lines of a train_glue.py log, or None.
-    Each line's ex/s is cumulative since training began, so the difference leaves the first steps' warm-up out."""
-    points = [(int(s), int(s) * batch_size / float(r)) for s, r in
-              re.findall(r"^step\s+(\d+)/\d+ .*\| (\d+(?:\.\d+)?) ex/s", log_text, flags=re.M) if float(r) > 0]
-    if len(points) < 2:
-        return None
-    (s0, t0), (s1, t1) = points[0], points[-1]
-    return (s1 - s0, t1 - t0) if s1 > s0 and t1 > t0 else None
-
-
-def speed_table(plan, out, durations):
-    """{(task, family): (overhead seconds, seconds per step)} measured on the smoke runs (all run side by side)."""
-    table = {}
-    for run in smoke_runs(plan):
-        m = result_of(out, run)
-        if m is None or run.id not in durations:
-            continue
-        log = (out / run.dir_name / "log.txt").read_text(encoding="utf-8", errors="replace")
-        speed = parse_speed(log, plan.common.get("batch_size", 32))
-        per_step = speed[1] / speed[0] if speed else m["wall_s"] / m["steps"]
-        table[(run.task, run.method.family)] = (max(0.0, durations[run.id] - per_step * run.steps), per_step)
-    return table
-
-
-def makespan(seconds, jobs):
-    """An upper bound for running tasks of these durations on `jobs` slots, greedily (Graham): sum / jobs + max."""
-    return sum(seconds) / jobs + max(seconds) if seconds else 0.0
-
-
-def choose_steps(plan, speeds, jobs, seconds_left):
-    """The largest of plan.step_choices whose sweep + grid fits in seconds_left (else the smallest), and its estimate.
-    speeds: {(task, family): (overhead s, s per step)}; a missing pair uses the slowest one measured."""
-    slowest = max(speeds.values(), key=lambda v: v[0] + 500 * v[1])
-
-    def time_of(runs, steps):
-        return [speeds.get((r.task, r.method.family), slowest)[0]
-                + steps * speeds.get((r.task, r.method.family), slowest)[1] for r in runs]
-
-    for steps in plan.step_choices:
-        fams = {fam: lrs[0] for fam, lrs in plan.sweep_lrs.items()}  # any lr: the sweep reuses one run per family
-        sweep = sweep_runs(plan, steps)
-        reused = {r.id for r in sweep}
-        grid = [r for r in grid_runs(plan, steps, fams) if r.id not in reused]
-        total = makespan(time_of(sweep, steps), jobs) + makespan(time_of(grid, steps), jobs)
-        if total <= seconds_left:
-            return steps, total
-    return plan.step_choices[-1], total
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# fp16 copy of a checkpoint (the GPU machine gets at most 64 MiB)
+# carrying: the fp16 backbone and the data there, the results (and checkpoints) back
 
 
 def to_fp16(src, dst):
     """Copy a model.safetensors with every F32 tensor cast to F16 (others unchanged); refuse values out of F16 range."""
+    import torch
     tensors = bert.load_safetensors(src)
     for name, t in tensors.items():
         if t.dtype == torch.float32:
@@ -388,11 +562,114 @@ def prepare(dest, model_dir, data_dir, tasks):
             shutil.copyfile(model_dir / name, dest / "model" / name)
     to_fp16(model_dir / "model.safetensors", dest / "model" / "model.safetensors")
     atomic_write(dest / "model" / "prepared_from.json", json.dumps({"source": str(model_dir.resolve())}) + "\n")
-    dirs = {name: task.dir for name, task in glue.TASKS.items()}
     for task in tasks:
-        shutil.copytree(data_dir / dirs[task], dest / "glue" / dirs[task], dirs_exist_ok=True)
+        folder = glue.TASKS[task].dir
+        (dest / "glue" / folder).mkdir(parents=True, exist_ok=True)
+        for tsv in (data_dir / folder).glob("*.tsv"):
+            if tsv.name in ("train.tsv",) + tuple(f"{s}.tsv" for s in glue.TASKS[task].dev):
+                shutil.copyfile(tsv, dest / "glue" / folder / tsv.name)
     size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
-    print(f"wrote {dest} ({size / 2**20:.1f} MiB): fp16 backbone and GLUE {', '.join(dirs[t] for t in tasks)}")
+    print(f"wrote {dest} ({size / 2**20:.1f} MiB): fp16 backbone and GLUE "
+          f"{', '.join(glue.TASKS[t].dir for t in tasks)}; the working tree and the carried paths travel within 64 MiB")
+
+
+RESULT_FILES = ("metrics.json", "study_run.json", "log.txt")
+MEMBER = re.compile(r"^(?:study\.json|console\.log|[A-Za-z0-9._-]+/(?:metrics\.json|study_run\.json|log\.txt|"
+                    r"train_state\.pt))$")
+STATE_FILE_LIMIT = 15 * 2**20  # a file back from the GPU machine is at most 16 MiB
+
+
+def pack(out, path, runs, states_mb=0.0):
+    """Bundle the study for the way back: study.json, console.log and every run folder's result files (metrics.json,
+    study_run.json, log.txt) into `path` (a .tar.gz); with states_mb, the train_state.pt of unfinished runs, in plan
+    order, up to that many MiB, into <path stem>.states<i>.tar files of at most 15 MiB. Returns the files written."""
+    path = Path(path)
+    written = [path]
+    with tarfile.open(path, "w:gz") as tar:
+        for name in ("study.json", "console.log"):
+            if (out / name).exists():
+                tar.add(out / name, arcname=name)
+        for folder in sorted(p for p in out.iterdir() if p.is_dir()):
+            for name in RESULT_FILES:
+                if (folder / name).exists():
+                    tar.add(folder / name, arcname=f"{folder.name}/{name}")
+    n_states, budget, chunk, size = 0, states_mb * 2**20, [], 0
+    for run in runs:
+        state = out / run.id / "train_state.pt"
+        if not state.exists() or result_of(out, run) is not None:
+            continue
+        bytes_ = state.stat().st_size
+        if bytes_ > budget or bytes_ > STATE_FILE_LIMIT:
+            continue
+        budget -= bytes_
+        if size + bytes_ > STATE_FILE_LIMIT:
+            written.append(_write_states(path, len(written), chunk))
+            chunk, size = [], 0
+        chunk.append(state)
+        size += bytes_
+        n_states += 1
+    if chunk:
+        written.append(_write_states(path, len(written), chunk))
+    finished = sum(1 for f in out.iterdir() if (f / "metrics.json").exists())
+    print(f"packed {finished} finished runs into {path} ({path.stat().st_size / 2**20:.2f} MiB)"
+          + (f" and {n_states} checkpoints of unfinished runs into {len(written) - 1} more files" if n_states else ""),
+          flush=True)
+    return written
+
+
+def _write_states(path, i, states):
+    name = path.parent / f"{path.name.split('.')[0]}.states{i}.tar"
+    with tarfile.open(name, "w") as tar:
+        for state in states:
+            tar.add(state, arcname=f"{state.parent.name}/{state.name}")
+    return name
+
+
+def unpack(out, paths):
+    """Restore what pack() bundled into `out`. A finished run here is never touched; study.json's sessions are merged
+    (the ones already here kept); a member outside the layout (another path, a link) is refused."""
+    out.mkdir(parents=True, exist_ok=True)
+    restored = {"runs": set(), "states": 0}
+    finished_here = {p.parent.name for p in out.glob("*/metrics.json")}
+    for path in paths:
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                if not member.isfile() or not MEMBER.match(member.name):
+                    raise ValueError(f"{path}: unexpected member {member.name!r}")
+                data = tar.extractfile(member).read()
+                if member.name == "study.json":
+                    merge_state(out / "study.json", json.loads(data))
+                    continue
+                if member.name == "console.log":
+                    atomic_write(out / "console.log", data)
+                    continue
+                run_id, name = member.name.split("/")
+                if run_id in finished_here:
+                    if name == "metrics.json" and (out / run_id / "metrics.json").read_bytes() != data:
+                        print(f"warning: {run_id}/metrics.json differs from the one here; kept the one here")
+                    continue  # finished here already: its files stay as they are
+                (out / run_id).mkdir(exist_ok=True)
+                atomic_write(out / run_id / name, data)
+                if name == "metrics.json":
+                    restored["runs"].add(run_id)
+                restored["states"] += name == "train_state.pt"
+    print(f"unpacked into {out}: {len(restored['runs'])} newly finished runs, {restored['states']} checkpoints")
+    return restored
+
+
+def merge_state(path, theirs):
+    """study.json here, with the sessions of `theirs` that it lacks appended and its other keys updated."""
+    mine = read_json(path) or {}
+    keys = {(s.get("started"), s.get("command")) for s in mine.get("sessions", [])}
+    sessions = mine.get("sessions", []) + [s for s in theirs.get("sessions", [])
+                                           if (s.get("started"), s.get("command")) not in keys]
+    merged = {**mine, **{k: v for k, v in theirs.items() if k != "sessions"}, "sessions": sessions}
+    for s in theirs.get("sessions", []):  # a session packed while it ran, then again at its end: the later wins
+        for i, own in enumerate(merged["sessions"]):
+            if (own.get("started"), own.get("command")) == (s.get("started"), s.get("command")) and \
+                    s.get("wall_s", 0) > own.get("wall_s", 0):
+                merged["sessions"][i] = s
+    atomic_write(path, json.dumps(merged, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -408,79 +685,76 @@ def verdict(a, b):
     return "tie"
 
 
-def collect(plan, out, steps, lrs):
-    """{(task, method name): [metrics.json dicts]} for the grid's finished runs, and {run-id: Run} of the missing."""
-    results, missing = {}, {}
-    for run in grid_runs(plan, steps, lrs):
-        m = result_of(out, run)
-        if m is None:
-            missing[run.id] = run
-        else:
-            results.setdefault((run.task, run.method.name), []).append((run, m))
-    return results, missing
+LEARNED_MARGIN = 0.03  # a task is learned when the median beats the constant predictor by 3 points and every seed does
+
+
+def learned(values, constant):
+    return constant is None or (np.median(values) >= constant + LEARNED_MARGIN and min(values) > constant)
 
 
 def pct(x):
     return f"{100 * x:.1f}"
 
 
-def fmt_lr(lr):
-    return f"{lr:g}"
+def span(v):
+    return f"{pct(np.median(v))} [{pct(min(v))}–{pct(max(v))}]"
 
 
-COMPARISONS = [  # (a, b, what the paper claims)
-    ("lora2-k8", "lora-r8", "same budget: matches or beats LoRA"),
-    ("lora2-k8", "adalora-b8", "same budget: matches or beats AdaLoRA"),
-    ("lora2-k8", "full", "close to full fine-tuning"),
-    ("lora2-k1", "lora-r1", "1/8 budget: vs LoRA at about the same parameters"),
-    ("lora2-k1", "adalora-b2", "1/8 budget: vs AdaLoRA at the small budget"),
-    ("lora2-k1", "lora-r8", "1/8 budget: comparable to LoRA with 8× the parameters"),
-    ("lora2-k1", "lora2-k8", "1/8 budget: comparable to itself at k=8"),
+CLAIMS = [  # (id, a, b, the paper's claim as tested here)
+    ("C1", "lora2-k8", "lora-r8", "LoRA² k=8 matches or beats LoRA r=8 at the same parameter budget"),
+    ("C2", "lora2-k8", "adalora", "LoRA² k=8 matches or beats AdaLoRA at the same budget (r singular values pruned to "
+                                  "the target rank on the same schedule)"),
+    ("C3", "lora2-k1", "lora-r8", "LoRA² k=1 (1/8 of the parameters) stays comparable to LoRA r=8"),
+    ("C4", "lora2-k1", "lora2-k8", "LoRA² k=1 stays comparable to LoRA² k=8"),
+    ("C5", "lora2-k8", "lora2-k8-scoredall", "Scoring only λ and the inner factors (≈99 % fewer scores) costs nothing "
+                                            "against scoring all factors"),
+    ("A1", "lora2-k8", "lora2-k8-gamma0", "The orthogonality regulariser (γ of the preset) does not hurt: "
+                                         "LoRA² k=8 matches or beats γ = 0"),
+    ("A2", "lora2-k8", "lora2-k8-noprune", "Pruning to the target rank does not hurt: LoRA² k=8 matches or beats "
+                                          "no pruning"),
+    ("A3", "lora2-k8-paperinit", "lora2-k8", "The paper's N(0, 0.02²) init matches this project's orthogonal init "
+                                            "(the default here)"),
 ]
 
 
-HAND_START, HAND_END = "<!-- hand-written: start -->", "<!-- hand-written: end -->"
-
-def limitations(plan):
-    """The study design's caveats, as lines for RESULTS.md."""
-    prune = dict(PRUNE)
-    lines = [
-        "One small backbone (by default the packaged all-MiniLM-L6-v2: 6 layers, width 384, 22.7M parameters) instead "
-        "of the paper's DeBERTaV3-base (184M).",
-        "A short, equal budget for every method instead of the paper's epochs: the pruning methods (AdaLoRA, LoRA²) "
-        f"train unpruned for the first {prune['init_warmup']:.0%} of the steps and prune over the next "
-        f"{1 - prune['init_warmup'] - prune['final_warmup']:.0%}, so a short budget is the hard case for them.",
-        "One learning-rate sweep on one task (one seed), reused on the other tasks and by the lower-budget variants "
-        "and the ablations of each family; one set of the other hyperparameters for all tasks (no per-task presets).",
-        "The reported metric is the final step's: no checkpoint selection on the dev set (which the papers use).",
-        "AdaLoRA's budget is its final average rank (as in the AdaLoRA paper's table); it trains 1.5× as many "
-        "singular triplets, which its adapter parameter count shows.",
-    ]
-    for task, flags in plan.tasks.items():
-        if "dev_split" in flags:
-            lines.append(f"{task}: train and eval are a fixed {1 - flags['dev_split']:.0%}/{flags['dev_split']:.0%} "
-                         "split of the GLUE dev set (no train.tsv in this copy): not comparable to published results.")
-    return lines
-
-
-def comparisons(plan, results):
-    """[(a, b, claim, [None | (verdict, Δ median in points, spread in points) per task])] for COMPARISONS."""
-    names, table = {m.name for m in plan.methods}, []
-    for a, b, claim in COMPARISONS:
-        if a not in names or b not in names:
+def judge(plan, results, constants, a, b):
+    """(verdict, [per-task detail]) of 'a matches or beats b': *holds* when a loses (seed ranges apart) on no task
+    that both learned, *does not hold here* when it loses on one, *cannot tell* when no task has both with >= 2 seeds
+    and learned."""
+    cells, counted, losses = [], 0, 0
+    for task in plan.tasks:
+        va = [m["main_metric"] for m in results.get((task, a), [])]
+        vb = [m["main_metric"] for m in results.get((task, b), [])]
+        if not va or not vb:
             continue
-        cells = []
-        for task in plan.tasks:
-            ra, rb = results.get((task, a)), results.get((task, b))
-            if not ra or not rb:
-                cells.append(None)
-                continue
-            va, vb = [m["main_metric"] for _, m in ra], [m["main_metric"] for _, m in rb]
-            spread = max(max(va) - min(va), max(vb) - min(vb))
-            cells.append((verdict(va, vb), 100 * (np.median(va) - np.median(vb)), 100 * spread))
-        if any(c is not None for c in cells):
-            table.append((a, b, claim, cells))
-    return table
+        v = verdict(va, vb)
+        delta = 100 * (np.median(va) - np.median(vb))
+        c = constants.get(task)
+        ok = len(va) >= 2 and len(vb) >= 2 and learned(va, c) and learned(vb, c)
+        note = "" if ok else (" — not counted: " + ("fewer than 2 seeds" if min(len(va), len(vb)) < 2
+                                                    else "not learned by both"))
+        cells.append(f"{task}: {span(va)} vs {span(vb)}, n={len(va)}/{len(vb)} → {v} (Δ {delta:+.1f}){note}")
+        if ok:
+            counted += 1
+            losses += v == "loss"
+    if not counted:
+        return "cannot tell", cells
+    return ("does not hold here" if losses else "holds"), cells
+
+
+def collect(plan, out, runs):
+    """{(task, config name): [metrics dicts]} of the finished runs, {run-id: Run} of the others."""
+    results, missing = {}, {}
+    for run in runs:
+        m = result_of(out, run)
+        if m is None:
+            missing[run.id] = run
+        else:
+            results.setdefault((run.task, run.config.name), []).append(m)
+    return results, missing
+
+
+HAND_START, HAND_END = "<!-- hand-written: start -->", "<!-- hand-written: end -->"
 
 
 def hand_written(path):
@@ -491,238 +765,310 @@ def hand_written(path):
     return None
 
 
-def write_report(plan, args, out, results_md, png):
+def rel(path):
+    """A path as RESULTS.md shows it: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def schedule_note(plan, task, m):
+    """How a task's runs relate to the paper's schedule, from a finished run's metrics.json."""
+    e_paper, steps, n = paper(task, "epochs"), m["steps"], m["train_size"]
+    epochs = plan.epochs.get(task, e_paper)
+    what = f"the paper's {e_paper} epochs" if epochs == e_paper else f"{epochs:g} of the paper's {e_paper} epochs"
+    if m.get("non_standard_split"):
+        return (f"{what} over a {n:,}-example split of dev.tsv = {steps:,} steps (the paper's T is "
+                f"{paper_steps(task):,} steps over {glue.TASKS[task].train_size:,} examples; NON-STANDARD split, not "
+                "comparable to published numbers; mask interval scaled with T)")
+    if epochs != e_paper:
+        return (f"CAPPED at {what} = {steps:,} of {paper_steps(task):,} steps (warm-up, t_i and t_f the preset's "
+                "fractions of T; mask interval scaled with T)")
+    return f"{what} = {steps:,} steps"
+
+
+OLD_ORDER = ("full", "lora-r8", "lora-r1", "adalora-b8", "adalora-b2", "lora2-k8", "lora2-k1", "lora2-k8-gamma0",
+             "lora2-k8-cross", "lora2-k8-scoredall", "lora2-k8-noprune", "lora2-k8-paperinit")
+
+
+def appendix(old_dir):
+    """Lines of the short-budget appendix: the 200-step study of issue 6, read from its metrics.json files (its grid
+    runs: per configuration the learning rate its sweep chose, i.e. the one with runs on every task and seed)."""
+    by = {}  # config -> lr -> task -> [scores]
+    for path in sorted(Path(old_dir).glob("*/metrics.json")):
+        found = re.match(r"^(cola|sst2|rte|qnli)-(.+)-lr([^-]+)-s\d+$", path.parent.name)
+        m = read_json(path)
+        if found and m:
+            task, conf, lr = found.groups()
+            by.setdefault(conf, {}).setdefault(lr, {}).setdefault(task, []).append(m["main_metric"])
+    if not by:
+        return []
+    tasks = ("cola", "sst2", "rte", "qnli")
+    L = ["## Appendix: the 200-step study (short budget)", "",
+         "The study this one replaces (issue 6): every method 200 optimiser steps of batch 32 (0.75–2.6 epochs; "
+         "20–250× shorter than the paper's schedules), max length 128, one lr per method family from a 4-point sweep "
+         "on SST-2, the metric of the final step, a subset of 8,000 SST-2 examples, QNLI on a 70/30 split of dev.tsv. "
+         f"Median [min–max] over 3 seeds × 100, from `{rel(old_dir)}/*/metrics.json`. At this budget no method "
+         "learned CoLA (MCC 0) or RTE (around the 52.7 % majority class): its verdicts were verdicts on under-trained "
+         "models.", "", "| configuration | lr | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    for conf in sorted(by, key=lambda c: (OLD_ORDER.index(c) if c in OLD_ORDER else len(OLD_ORDER), c)):
+        lr, per_task = max(by[conf].items(), key=lambda kv: sum(len(v) for v in kv[1].values()))
+        L.append(f"| {conf} | {lr} | " + " | ".join(span(per_task[t]) if t in per_task else "—" for t in tasks) + " |")
+    return L + [""]
+
+
+def write_report(plan, out, results_md, png, data_dir=None, quick=False):
     state = read_json(out / "study.json") or {}
-    steps = state.get("steps") or (None if args.steps == "auto" else int(args.steps))
-    if steps is None:
-        raise ValueError(f"{out / 'study.json'} records no step count and --steps is auto: nothing to report yet")
-    lrs, sweep = choose_lrs(plan, out, steps)
-    results, missing = collect(plan, out, steps, lrs)
-    every = [m for rows in results.values() for _, m in rows]
-    table = comparisons(plan, results)
-    tallies = []
-    for a, b, claim, cells in table:
-        done = [(task, c) for task, c in zip(plan.tasks, cells) if c is not None]
-        verdicts = [c[0] for _, c in done]
-        lo, hi = min(done, key=lambda tc: tc[1][1]), max(done, key=lambda tc: tc[1][1])
-        tallies.append(f"{method_by_name(plan, a).label} vs {method_by_name(plan, b).label} ({claim}): "
-                       f"{verdicts.count('win')} win, {verdicts.count('tie')} tie, {verdicts.count('loss')} loss "
-                       f"over {len(done)} tasks; Δ of the medians from {lo[1][1]:+.1f} ({lo[0]}) to {hi[1][1]:+.1f} "
-                       f"({hi[0]}) points.")
-    n_planned = len(every) + len(missing)
-    L = []
-    L += ["# GLUE study: LoRA² vs LoRA vs AdaLoRA vs full fine-tuning", "",
-          f"Generated by `study.py` from the runs' `metrics.json` files under `{out}/<run-id>/` "
-          f"(`python study.py --report_only{' --quick' if args.quick else ''} --out {out}` rewrites this file and "
-          f"`{png.name}`, keeping the hand-written discussion). Every number below is the `main_metric` of those "
-          "files: the metric of the final step (evaluation only at the end, no checkpoint selection), × 100.", "",
-          "## Summary", "",
-          f"- {len(every)} of {n_planned} grid runs finished ({len(plan.tasks)} tasks × {len(plan.methods)} "
-          f"configurations × {len(plan.seeds)} seeds, {steps} steps each), after a "
-          f"{sum(len(v) for v in plan.sweep_lrs.values())}-run learning-rate sweep."]
-    L += [f"- {line}" for line in tallies[:2] + [t for t in tallies if t.startswith("LoRA² k=1 vs LoRA r=8")]]
-    for task in plan.tasks:
-        medians = [np.median([m["main_metric"] for _, m in rows]) for (t, _), rows in results.items() if t == task]
-        name = next((m["main_metric_name"] for (t, _), rows in results.items() if t == task for _, m in rows), "")
-        if medians and name == "mcc" and max(abs(x) for x in medians) == 0:
-            L.append(f"- {task}: every configuration's median MCC is 0 (constant predictions): this budget does not "
-                     "train it, and its rows compare nothing.")
+    runs = plan_runs(plan)
+    results, missing = collect(plan, out, runs)
+    constants = dict(state.get("constant_scores", {}))
+    try:
+        constants.update(constant_scores(plan, data_dir))
+    except (FileNotFoundError, ValueError):
+        pass  # no data here: the study's own record of them (study.json), if any
+    every = [(run, result_of(out, run)) for run in runs if result_of(out, run) is not None]
+    L = ["# Does LoRA² deliver? GLUE at the paper's schedules", "",
+         f"Generated by `experiments/study.py` from the runs' `metrics.json` under `{rel(out)}/<run-id>/` "
+         f"(`python experiments/study.py --report_only{' --quick' if quick else ''}` rewrites this file and "
+         f"`{png.name}`, keeping the hand-written block). A score is a run's `main_metric` × 100: its best dev "
+         f"evaluation at the final budget (evaluated every 1/{plan.evals} of the run; LoRA² and AdaLoRA from the "
+         "first step of the final phase T − t_f on, LoRA and full fine-tuning from any evaluation, their budget being "
+         "fixed). Median [min–max] over seeds.", ""]
+
+    # progress per part
+    L += ["## Progress", "", "| part | finished | planned | steps per run | summed run time | when (session: first "
+          "start – last end) |", "|---|---|---|---|---|---|"]
+    for i, part in enumerate(plan.parts):
+        part_runs = [r for r in runs if r.part == i]
+        done = [m for r, m in every if r.part == i]
+        steps = sorted({m["steps"] for m in done})
+        windows = {}
+        for r, _ in every:
+            rec = read_json(out / r.id / "study_run.json") or {}
+            if r.part == i and rec.get("window_s"):
+                lo, hi = windows.get(rec.get("session"), (math.inf, 0))
+                windows[rec.get("session")] = (min(lo, rec["window_s"][0]), max(hi, rec["window_s"][1]))
+        when = "; ".join(f"{k}: {fmt_time(lo)} – {fmt_time(hi)}" for k, (lo, hi) in sorted(windows.items()))
+        L.append(f"| {i + 1}. {part.name} | {len(done)} | {len(part_runs)} | "
+                 f"{', '.join(f'{s:,}' for s in steps) or '—'} | {fmt_time(sum(m['wall_s'] for m in done))} | "
+                 f"{when or '—'} |")
+    L += ["", "Summed run time: the runs' training time (`wall_s`, evaluation excluded; several runs share a GPU). When: "
+          "seconds since the start of the session (`study.json`) in which the part's finished runs ran (their last "
+          "attempt).", ""]
+
+    # verdicts
+    L += ["## The paper's claims", "",
+          "Per task: *win* / *loss* when the seed ranges of the two do not overlap, *tie* when they do; Δ is the "
+          "difference of the medians in points. A claim *holds* when it loses on no task that both sides learned "
+          f"(median ≥ the constant predictor + {100 * LEARNED_MARGIN:.0f} points and every seed above it) with at "
+          "least 2 seeds each, *does not hold here* when it loses on one, and *cannot tell* without such a task. "
+          "With 3 seeds a *tie* is a weak test of *matches*: read the Δ and ranges beside it.", "",
+          "| | claim | verdict | numbers (median [min–max], first vs second) |", "|---|---|---|---|"]
+    names = {c.name for c in plan.configs}
+    for cid, a, b, claim in CLAIMS:
+        if a not in names or b not in names:
+            continue
+        v, cells = judge(plan, results, constants, a, b)
+        L.append(f"| {cid} | {claim} | **{v}** | {'; '.join(cells) or 'not run yet'} |")
     L.append("")
+    if results:
+        L += [f"![Score against trainable adapter parameters, per task]({png.name})", "",
+              f"`{png.name}`: median and min–max over seeds against the adapter's trainable parameters (log scale); "
+              "ablations grey and nudged right, LoRA r=8 nudged left of LoRA² k=8 (almost the same budget); dashed: "
+              "the constant predictor.", ""]
     hand = hand_written(results_md)
     if hand:
         L += [hand, ""]
 
+    # per task
+    L += ["## Results per task", ""]
+    for task in plan.tasks:
+        rows = [(c, results.get((task, c.name))) for c in plan.configs]
+        rows = [(c, ms) for c, ms in rows if ms]
+        metric = glue.TASKS[task].metrics[0]
+        c = constants.get(task)
+        head = f"### {task} ({metric}"
+        if c is not None:
+            head += f"; constant predictor {pct(c)}"
+        L += [head + ")", ""]
+        if not rows:
+            L += ["Not run yet.", ""]
+            continue
+        L += [f"Schedule: {schedule_note(plan, task, rows[0][1][0])}.", "",
+              "| configuration | adapter params | head params | steps | seeds | median | min–max | learned | "
+              "wall per run (median) | runs |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for conf, ms in rows:
+            v = [m["main_metric"] for m in ms]
+            glob = f"{rel(out)}/{run_prefix(plan, task, conf)}-s*/"
+            L.append(f"| {conf.label} | {ms[0]['adapter_params']:,} | {ms[0]['head_params']:,} | {ms[0]['steps']:,} | "
+                     f"{len(v)} | {pct(np.median(v))} | {pct(min(v))}–{pct(max(v))} | "
+                     f"{'yes' if learned(v, c) and c is not None else ('?' if c is None else 'no')} | "
+                     f"{fmt_time(np.median([m['wall_s'] for m in ms]))} | `{glob}` |")
+        L.append("")
+
     # setup
     sessions = state.get("sessions", [])
-    hw = sessions[-1]["hardware"] if sessions else {}
-    gpus = ", ".join(sorted(set(hw.get("gpus", [])))) or "none (CPU)"
-    study_wall = sum(s.get("wall_s", 0) for s in sessions)
-    run_wall = sum(m["wall_s"] for m in every)
-    example = every[0] if every else None
     L += ["## Setup", ""]
+    info = state.get("model", {})
+    example = every[0][1] if every else None
     if example:
-        info = state.get("model", {})
-        fulls = [m for (t, name), rows in results.items() if name == "full" for _, m in rows]
-        n_params = (fulls[0]["total_params"] if fulls else None)
-        L += [f"- Backbone: `{info.get('path') or example['args'].get('model') or 'the packaged all-MiniLM-L6-v2'}`"
-              + (f", {n_params:,} parameters with the 2-way head" if n_params else "")
-              + " (BERT architecture through `bert.py`)."
-              + (" Its weights were stored as float16 to travel to the GPU machine (`python study.py --prepare`"
-                 + (f" from `{info['source']}`" if info.get("source") else "") + ") and are loaded into float32."
-                 if is_fp16(info) else "")
-              + (" Training used bf16 autocast on CUDA." if example.get("device") == "cuda" else "")]
-    L += [f"- Steps: {steps} optimiser steps for every run, batch {plan.common.get('batch_size')}, max length "
-          f"{plan.common.get('max_len')} tokens, AdamW (weight decay {plan.common.get('weight_decay', 0.01)}, none on "
-          f"biases and LayerNorm), linear warm-up {plan.common.get('warmup', 0.06):.0%} of the steps then linear "
-          f"decay, gradient clipping {plan.common.get('clip', 1.0)}.",
-          f"- Seeds: {', '.join(map(str, plan.seeds))} (initialisation, dropout and data order; the data subsets and "
-          "splits are fixed).",
-          "- Adapters on query, key, value, attention.output.dense, intermediate.dense and output.dense of every "
-          "layer; the head (pooler + classifier) is trained by every method and counted apart (`head params`).",
-          f"- Hardware: {gpus}; {hw.get('cpus', '?')} CPU cores; {state.get('jobs', '?')} runs side by side"
-          + (f"; {state['note']}" if state.get("note") else "") + ".",
-          *(["- Code (sha256, first 12 hex digits): "
-             + ", ".join(f"`{k}` {v}" for k, v in sessions[-1]["code"].items())]
-            if sessions and sessions[-1].get("code") else []),
-          f"- Wall time: {fmt_time(study_wall)} for the study "
-          f"({len(sessions)} invocation{'s' if len(sessions) != 1 else ''}); {fmt_time(run_wall)} of training "
-          "summed over the grid runs (each run's `wall_s`, evaluation excluded).",
-          ""]
-    if state.get("steps_reason"):
-        L += [f"- Step count: {state['steps_reason']}", ""]
-    L += ["Data (train / eval examples as the runs report them):", "", "| task | train | eval | metric | note |",
-          "|---|---|---|---|---|"]
-    for task in plan.tasks:
-        ms = [m for (t, _), rows in results.items() if t == task for _, m in rows]
-        if ms:
-            m = ms[0]
-            ev = ", ".join(f"{v:,}" for v in m["eval_size"].values())
-            subset = "training subset (fixed, seed 0)" if plan.tasks[task].get("train_size") else "full train.tsv"
-            split = "NON-STANDARD: train and eval are a fixed split of dev.tsv"
-            note = split if m.get("non_standard_split") else subset
-            L.append(f"| {task} | {m['train_size']:,} | {ev} | {m['main_metric_name']} | {note} |")
-    L += ["", "Configurations (train_glue.py flags besides the common ones):", "", "| configuration | flags | lr |",
-          "|---|---|---|"]
-    for meth in plan.methods:
-        flags = " ".join(f"--{k} {v}" for k, v in meth.flags)
-        L.append(f"| {meth.label} | `{flags}` | {fmt_lr(lrs[meth.family]) if meth.family in lrs else 'not chosen'} |")
-    common = " ".join(f"--{k} {v}" for k, v in {**plan.common, "steps": steps}.items())
-    L += ["", f"Common flags: `{common}`; per task: "
-          + "; ".join(f"{t} `" + " ".join(f"--{k} {v}" for k, v in f.items()) + "`" for t, f in plan.tasks.items())
-          + ".", ""]
-
-    # sweep
-    L += [f"## Learning rates (sweep on {plan.sweep_task}, seed {plan.seeds[0]}, {steps} steps)", "",
-          "Each family's lr is the best of its sweep on the dev set (a mild selection effect for that task); "
-          "the lower-budget variants and the ablations reuse their family's lr.", "",
-          "| family | " + " | ".join(["lr → score"] * 1) + " | chosen |", "|---|---|---|"]
-    for fam, scores in sweep.items():
-        cells = ", ".join(f"{fmt_lr(lr)} → {'—' if s is None else pct(s)}" for lr, s in scores.items())
-        pick = lrs.get(fam)
-        edge = pick is not None and len(scores) > 1 and pick in (min(scores), max(scores))
-        L.append(f"| {method_by_name(plan, fam).label} | {cells} | "
-                 f"{'—' if pick is None else fmt_lr(pick) + (' (edge of the sweep)' if edge else '')} |")
-    L.append("")
-
-    # results
-    L += ["## Results", "", "Median over seeds [min–max], × 100. Adapter and head parameters are the trainable ones "
-          "as train_glue.py counts them (AdaLoRA: all init_r singular triplets, pruned or not; LoRA²: every factor; "
-          "full: the whole encoder as 'adapter').", ""]
-    header = "| configuration | adapter params | head params | " + " | ".join(plan.tasks) + " |"
-    L += [header, "|---" * (3 + len(plan.tasks)) + "|"]
-    for meth in plan.methods:
-        rows = {t: results.get((t, meth.name), []) for t in plan.tasks}
-        anyrow = next((r for r in rows.values() if r), None)
-        if anyrow is None:
-            continue
-        m0 = anyrow[0][1]
-        cells = []
-        for t in plan.tasks:
-            v = [m["main_metric"] for _, m in rows[t]]
-            cells.append(f"{pct(np.median(v))} [{pct(min(v))}–{pct(max(v))}] n={len(v)}" if v else "not run")
-        L.append(f"| {meth.label} | {m0['adapter_params']:,} | {m0['head_params']:,} | " + " | ".join(cells) + " |")
-    L += ["", "Per task, with the runs behind each row:", ""]
-    for task in plan.tasks:
-        ms = [m for (t, _), rows in results.items() if t == task for _, m in rows]
-        if not ms:
-            continue
-        L += [f"### {task} ({ms[0]['main_metric_name']}"
-              + (", non-standard split of dev.tsv" if ms[0].get("non_standard_split") else "") + ")", "",
-              "| configuration | adapter params | head params | seeds | median | min–max | runs |",
-              "|---|---|---|---|---|---|---|"]
-        for meth in plan.methods:
-            rows = results.get((task, meth.name))
-            if not rows:
-                continue
-            v = [m["main_metric"] for _, m in rows]
-            glob = f"{out}/{task}-{meth.name}-lr{fmt_lr(rows[0][0].lr)}-s*/metrics.json"
-            L.append(f"| {meth.label} | {rows[0][1]['adapter_params']:,} | {rows[0][1]['head_params']:,} | {len(v)} | "
-                     f"{pct(np.median(v))} | {pct(min(v))}–{pct(max(v))} | `{glob}` |")
+        L.append(f"- Backbone: `{info.get('path') or example['args'].get('model') or 'the packaged all-MiniLM-L6-v2'}`"
+                 f", {example['total_params']:,} parameters with a 2-way head (BERT through `bert.py`), instead of the "
+                 "paper's DeBERTaV3-base (184M)."
+                 + (" Its weights travelled as float16 (`study.py --prepare`) and load into float32; training used "
+                    "bf16 autocast on CUDA." if is_fp16(info) else ""))
+    L += ["- Every run: `train_glue.py --preset paper` (SPEC §5: batch 32, importance EMAs β₁ = β₂ = 0.85; AdamW with "
+          "torch's defaults otherwise, linear warm-up then decay to 0, clipping 1.0), then the configuration's flags; adapters on query, key, value, "
+          "attention.output, intermediate and output of every layer; the head (pooler + classifier) trained by every "
+          "method and counted apart.",
+          f"- Seeds {', '.join(map(str, plan.seeds))} (initialisation, dropout, data order); the paper reports one "
+          "seed per task (6, RTE 4), the AdaLoRA table the mean of 5.",
+          "- LoRA r=8: PEFT LoRA, α of the preset (so s = α/8), the preset's lr (8e-4 to 1.2e-3, the range where "
+          "LoRA trained best in the 200-step sweep: 1e-3 won, 5e-3 diverged), no dropout.",
+          "- AdaLoRA: PEFT AdaLoRA at LoRA²'s budget and schedule: init_r = the preset's r, target_r = its target "
+          "rank, t_i, t_f, mask interval, γ (orth_reg_weight) and lr of the preset; it trains r(d_in + d_out) + r "
+          "parameters per matrix, fewer than LoRA r=8 where r = 4 (CoLA, RTE).",
+          f"- Full fine-tuning: lr {FULL_LR:g} (the upper end of the usual 2e-5..5e-5 for BERT-size encoders; "
+          "the small MiniLM preferred larger lrs in the 200-step sweep, and the long schedules argue against going "
+          "beyond), the rest of the preset.",
+          "- Ablations: flags on top of LoRA² k=8: `--gamma 0`; `--target_rank r` (the preset's r: nothing pruned); "
+          "`--scored all`; `--init paper`.", ""]
+    hp = {}
+    for run, m in every:
+        hp.setdefault(run.task, m)
+    if hp:
+        L += ["Hyperparameters per task, as the runs recorded them (`args` of metrics.json; t_i, t_f and warm-up in "
+              "steps of this schedule):", "",
+              "| task | train examples | epochs | steps | lr | max len | r | target rank | α | t_i | t_f | mask every | "
+              "γ | warm-up | cls dropout | wd | eval every |", "|---" * 17 + "|"]
+        for task, m in hp.items():
+            a, T = m["args"], m["steps"]
+            lrs = sorted({mm["args"]["lr"] for mm in sum((results.get((task, c.name), []) for c in plan.configs), [])
+                          if mm["args"]["method"] != "full"})
+            L.append(f"| {task} | {m['train_size']:,} | {T / max(1, m['train_size'] // a['batch_size']):g} | {T:,} | "
+                     f"{', '.join(f'{x:g}' for x in lrs)} | {a['max_len']} | {a['r']} | {a['target_rank']} | "
+                     f"{a['alpha']} | {round(a['init_warmup'] * T)} | {round(a['final_warmup'] * T)} | "
+                     f"{a['mask_interval']} | {a['gamma']} | {round(a['warmup'] * T)} | {a['classifier_dropout']} | "
+                     f"{a['weight_decay']} | {a['eval_every']} |")
         L.append("")
-
-    # comparison with the paper
-    L += ["## Against the paper's claims", "",
-          "The paper claims that LoRA² matches or beats AdaLoRA and LoRA at the same parameter budget and stays "
-          "comparable at 1/8 of it (SPEC §1, §5; DeBERTaV3-base, full GLUE training sets, tens of thousands of steps). "
-          "Here: a different, smaller backbone and a short, equal step budget. Verdict per task: *win* if every seed "
-          "of the first beats every seed of the second, *loss* if the reverse, *tie* when the seed ranges overlap; "
-          "Δ is the difference of the medians in points, spread the larger of the two min–max ranges.", ""]
-    if table:
-        L += ["| comparison | claim | " + " | ".join(plan.tasks) + " |", "|---|---|" + "---|" * len(plan.tasks)]
-        for a, b, claim, cells in table:
-            L.append(f"| {method_by_name(plan, a).label} vs {method_by_name(plan, b).label} | {claim} | "
-                     + " | ".join("—" if c is None else f"{c[0]} (Δ {c[1]:+.1f}, spread {c[2]:.1f})" for c in cells)
-                     + " |")
+    L += ["Configurations (flags on top of `--preset paper`):", "", "| configuration | flags |", "|---|---|"]
+    for conf in plan.configs:
+        L.append(f"| {conf.label} | `{' '.join(f'--{k} {v}' for k, v in conf.flags)}` |")
+    L += ["", "Deviations from the paper:", ""]
+    L += [f"- {line}" for line in deviations(plan)] + [""]
+    if sessions:
+        L += ["Sessions (`study.json`; device time is what the sessions took, start-up of the machine excluded):", "",
+              "| # | started | hardware | jobs | wall | runs finished | command |", "|---|---|---|---|---|---|---|"]
+        for i, s in enumerate(sessions):
+            hw = s.get("hardware", {})
+            gpus = hw.get("gpus") or []
+            what = (f"{len(gpus)}× {gpus[0].split(',')[0]}" if gpus else "CPU") + f", {hw.get('cpus', '?')} cores"
+            n_fin = sum(1 for r, m in every if (read_json(out / r.id / "study_run.json") or {}).get("session") == i)
+            L.append(f"| {i} | {s.get('started', '?')} | {what} | {s.get('jobs', '?')} | "
+                     f"{fmt_time(s.get('wall_s', 0))} | {n_fin} | `{s.get('command', '')}` |")
         L.append("")
-    for line in tallies:
-        L.append(f"- {line}")
-    L.append("")
-
-    # ablations
-    abl = [m for m in plan.methods if m.group == "ablation"]
-    base = "lora2-k8" if any(m.name == "lora2-k8" for m in plan.methods) else None
-    if abl and base:
-        L += ["## Ablations of LoRA² k=8", "", "| ablation | " + " | ".join(plan.tasks) + " |",
-              "|---|" + "---|" * len(plan.tasks)]
-        for meth in abl:
-            cells = []
-            for task in plan.tasks:
-                ra, rb = results.get((task, meth.name)), results.get((task, base))
-                if not ra or not rb:
-                    cells.append("not run" if not ra else "—")
-                    continue
-                va, vb = [m["main_metric"] for _, m in ra], [m["main_metric"] for _, m in rb]
-                cells.append(f"{verdict(va, vb)} (Δ {100 * (np.median(va) - np.median(vb)):+.1f})")
-            L.append(f"| {meth.label} | " + " | ".join(cells) + " |")
-        L += ["", "Δ against LoRA² k=8 with the default settings (orthogonal init, γ = 0.1, no L4, inner scoring, "
-              "pruning to target rank 2).", ""]
-
-    L += ["## Limitations", ""] + [f"- {line}" for line in limitations(plan)] + [""]
 
     # missing
     L += ["## Not run or failed", ""]
-    if sweep and any(f not in lrs for f in sweep):
-        L.append("- No lr chosen (sweep incomplete) for: " + ", ".join(f for f in sweep if f not in lrs)
-                 + "; their configurations are missing from the grid.")
     if missing:
-        for run_id, run in missing.items():
-            log = out / run.dir_name / "log.txt"
-            why = "failed, see " + str(log) if log.exists() else "not run"
-            L.append(f"- `{run_id}`: {why}")
-    elif not (sweep and any(f not in lrs for f in sweep)):
+        for i, part in enumerate(plan.parts):
+            gone = [(run_id, run) for run_id, run in missing.items() if run.part == i]
+            tried = [(run_id, run) for run_id, run in gone if (out / run_id / "study_run.json").exists()]
+            if gone and not tried:
+                L.append(f"- part {i + 1} ({part.name}): {len(gone)} of its runs not run yet")
+                continue
+            for run_id, run in gone:
+                rec = read_json(out / run_id / "study_run.json")
+                why = (f"{rec['status']} (attempts {rec.get('attempts')}, last at step {rec.get('last_step', '?')}), "
+                       f"see `{rel(out / run_id / 'log.txt')}`") if rec else "not run yet"
+                L.append(f"- `{run_id}` (part {run.part + 1}): {why}")
+    else:
         L.append("- nothing: every planned run finished.")
     L.append("")
 
-    # per run
-    L += ["## Every run", "", "| run-id | metric | kept singular values | wall s |", "|---|---|---|---|"]
-    for (task, name), rows in results.items():
-        for run, m in rows:
-            kept = "—" if run.method.arg("method") == "full" else m.get("kept_singular_values", "")
-            L.append(f"| `{run.id}` | {pct(m['main_metric'])} | {kept} | {m['wall_s']:.1f} |")
-    L += ["", "## Reproduce", ""]
-    if is_fp16(state.get("model", {})):
-        L.append("- `python study.py --prepare DIR --data_dir ../shared/glue`: the fp16 copy of the packaged backbone "
-                 "and the GLUE files (DIR/model and DIR/glue are the --model and --data_dir below)")
-    L += [f"- `{s['command']}`" + (" (resumed)" if i else "") for i, s in enumerate(sessions)]
-    L.append("")
+    # every run
+    L += ["## Every run", "", "| run-id | score | best step | steps | kept singular values | wall | session |",
+          "|---|---|---|---|---|---|---|"]
+    for run, m in every:
+        rec = read_json(out / run.id / "study_run.json") or {}
+        kept = "—" if run.config.arg("method") in ("full", "lora") else m.get("kept_singular_values", "")
+        L.append(f"| `{run.id}` | {pct(m['main_metric'])} | {m['best_step']:,} | {m['steps']:,} | {kept} | "
+                 f"{fmt_time(m['wall_s'])} | {rec.get('session', '?')} |")
+    L += ["", "## Reproduce", "",
+          "On a machine with the GLUE files (`GLUE_DIR`) and the packaged MiniLM; each GPU call carries "
+          "`.device/paper` and ends within 10 minutes; a rerun skips the finished runs:", "",
+          "```",
+          "python experiments/study.py --plan                       # the runs, in order, with estimates",
+          "python experiments/study.py --prepare .device/paper      # fp16 backbone + GLUE files (50 MiB)",
+          "# on the GPU machine (nvidia-h200-x2), as many calls as it takes:",
+          "python3 experiments/study.py --device cuda --gpus 2 --jobs 16 --compile --time_limit 540 --no_report \\",
+          "    --model .device/paper/model --data_dir .device/paper/glue --pack $OUT/paper.tar.gz",
+          "# here, after each call:",
+          "python experiments/study.py --unpack paper.tar.gz        # the finished runs into experiments/runs/paper/",
+          "python experiments/study.py --report_only                # this file and results.png",
+          "```", ""]
+    if sessions:
+        L += ["The sessions behind these numbers ran:", ""] + [f"- `{s['command']}`" for s in sessions] + [""]
+    L += appendix(OLD_STUDY) if not quick else []
     atomic_write(results_md, "\n".join(L))
     print(f"wrote {results_md}")
-    plot(plan, results, png)
+    plot(plan, results, constants, png)
 
 
-def style(plan, meth):
-    """(color, marker, filled, x factor) of a configuration in the figure: one colour per method, filled for a family's
-    swept configuration, hollow for its lower budget; ablations grey, each its own marker, nudged right to be seen."""
-    colors = {"full": "black", "lora": "tab:blue", "adalora": "tab:orange", "lora2": "tab:red"}
-    markers = {"full": "s", "lora": "o", "adalora": "^", "lora2": "D"}
-    if meth.group == "ablation":
-        j = [m.name for m in plan.methods if m.group == "ablation"].index(meth.name)
-        return "dimgrey", "v<>ph*"[j % 6], False, 1.09 ** (j + 1)
-    return colors[meth.arg("method")], markers[meth.arg("method")], meth.name == meth.family, 1.0
+def deviations(plan):
+    lines = ["One small backbone (the packaged all-MiniLM-L6-v2: 6 layers, width 384, 22.7M parameters) instead of "
+             "DeBERTaV3-base (184M): absolute scores are far below the paper's; the claims are relative.",
+             f"The score is the best of {plan.evals} dev evaluations per run (the authors' trainer also evaluates "
+             "periodically and keeps the best); for LoRA² and AdaLoRA only those of the final phase count.",
+             "Three seeds (0, 1, 2) per configuration, the same for every method, instead of the paper's one seed "
+             "per task (6; RTE 4)."]
+    for task, flags in plan.tasks.items():
+        if "dev_split" in flags:
+            lines.append(f"{task}: no train.tsv in this copy of GLUE: train and eval are a fixed "
+                         f"{1 - flags['dev_split']:.0%}/{flags['dev_split']:.0%} split of dev.tsv (non-standard); "
+                         "the paper's epochs over it give far fewer steps than the paper's T, and the mask interval "
+                         "shrinks in proportion.")
+    for task, e in plan.epochs.items():
+        if task in plan.tasks and e != paper(task, "epochs") and "dev_split" not in plan.tasks[task]:
+            lines.append(f"{task}: capped at {e:g} of the paper's {paper(task, 'epochs')} epochs to fit the device "
+                         "time (the longest that fitted): `--preset paper --epochs E` keeps warm-up, t_i and t_f the "
+                         "preset's fractions of T, and the study scales the mask interval with T (round(paper's "
+                         "interval × T / T_paper)), so the number of masking events stays the paper's.")
+    return lines
 
 
-def plot(plan, results, png):
-    """Score (median, min–max over seeds) against trainable adapter parameters, log-x, one panel per task."""
+def is_fp16(info):
+    """Whether model_info() saw float16 weights (integer buffers such as position_ids aside)."""
+    dtypes = set(info.get("dtypes", []))
+    return "F16" in dtypes and not dtypes & {"F32", "BF16", "F64"}
+
+
+def model_info(model_dir):
+    """{"path", "dtypes"} of the backbone's model.safetensors, for the report."""
+    path = Path(model_dir) if model_dir else _packaged_model()
+    try:
+        tensors = bert.load_safetensors(path / "model.safetensors")
+    except (OSError, ValueError):
+        return {"path": str(path)}
+    names = {v: k for k, v in bert.SAFETENSORS_DTYPES.items()}
+    source = (read_json(path / "prepared_from.json") or {}).get("source")
+    return {"path": str(model_dir or path), "dtypes": sorted({names[t.dtype] for t in tensors.values()}),
+            **({"source": source} if source else {})}
+
+
+def _packaged_model():
+    return bert.default_model_dir(install=False)
+
+
+COLORS = {"lora2-k8": "tab:red", "lora2-k1": "salmon", "lora-r8": "tab:blue", "adalora": "tab:orange",
+          "full": "black"}
+MARKERS = {"lora2": "D", "lora": "o", "adalora": "^", "full": "s"}
+
+
+def plot(plan, results, constants, png):
+    """Score (median, min–max over seeds) against trainable adapter parameters, log-x, one panel per task; ablations
+    grey, nudged right (LoRA r=8 slightly left) to be seen; the constant predictor dashed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -732,28 +1078,40 @@ def plot(plan, results, png):
         return
     tasks = [t for t in plan.tasks if any(k[0] == t for k in results)]
     if not tasks:
+        print(f"no finished runs: {png} not written")
         return
     ncols = min(2, len(tasks))
     nrows = math.ceil(len(tasks) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 4.2 * nrows), squeeze=False)
     handles = {}
+    ablations = [c.name for c in plan.configs if c.ablation]
     for ax, task in zip(axes.flat, tasks):
-        for meth in plan.methods:
-            rows = results.get((task, meth.name))
-            if not rows:
+        for conf in plan.configs:
+            ms = results.get((task, conf.name))
+            if not ms:
                 continue
-            v = np.array([m["main_metric"] for _, m in rows]) * 100
-            color, marker, filled, nudge = style(plan, meth)
-            x, med = rows[0][1]["adapter_params"] * nudge, np.median(v)
+            v = np.array([m["main_metric"] for m in ms]) * 100
+            if conf.ablation:
+                j = ablations.index(conf.name)
+                color, marker, nudge = "dimgrey", "v<>ph*"[j % 6], 1.09 ** (j + 1)
+            else:
+                color, marker = COLORS.get(conf.name, "tab:green"), MARKERS[conf.arg("method")]
+                nudge = 0.92 if conf.name == "lora-r8" else 1.0   # beside LoRA² k=8, at almost the same budget
+            x, med = ms[0]["adapter_params"] * nudge, np.median(v)
             h = ax.errorbar([x], [med], yerr=[[med - v.min()], [v.max() - med]], fmt=marker, capsize=3, color=color,
-                            mfc=color if filled else "white", ms=7, label=meth.label)
-            handles.setdefault(meth.label, h)
-        m = next(m for (t, _), rows in results.items() if t == task for _, m in rows)
+                            mfc=color if not conf.ablation else "white", ms=7, label=conf.label)
+            handles.setdefault(conf.label, h)
+        if constants.get(task) is not None:
+            h = ax.axhline(100 * constants[task], color="grey", ls="--", lw=0.8, label="constant predictor")
+            handles.setdefault("constant predictor", h)
+        m = next(m for (t, _), ms in results.items() if t == task for m in ms)
         ax.set_xscale("log")
         ax.set_xlabel("trainable adapter parameters (head excluded)")
         ax.set_ylabel(f"{m['main_metric_name']} × 100")
-        ax.set_title(f"{task}: median and min–max over seeds"
-                     + (" (non-standard split)" if m.get("non_standard_split") else ""))
+        note = " (non-standard split)" if m.get("non_standard_split") else (
+            f" ({plan.epochs[task]:g} of {paper(task, 'epochs')} epochs)" if task in plan.epochs
+            and plan.epochs[task] != paper(task, "epochs") else "")
+        ax.set_title(f"{task}{note}: median, min–max over seeds", fontsize=10)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(tasks):]:
         ax.axis("off")
@@ -770,136 +1128,258 @@ def plot(plan, results, png):
 # main
 
 
+def parse_epochs(text):
+    """'sst2=2,qnli=5' -> {'sst2': 2.0, 'qnli': 5.0}."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        task, _, value = item.partition("=")
+        try:
+            out[task.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"study.py: error: --epochs wants TASK=EPOCHS[,...], got {text!r}") from None
+        if task.strip() not in PAPER or out[task.strip()] <= 0:
+            raise SystemExit(f"study.py: error: --epochs {item!r}: unknown task or epochs <= 0")
+    return out
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a tiny grid for CI (CPU, seconds)")
-    p.add_argument("--report_only", action="store_true", help="only rewrite RESULTS.md and the PNG from the JSONs")
-    p.add_argument("--prepare", metavar="DIR", help="write an fp16 copy of --model and the GLUE tasks into DIR, "
-                   "then stop")
-    p.add_argument("--model", help="BERT checkpoint folder for train_glue.py (default: its packaged MiniLM)")
-    p.add_argument("--data_dir", help="GLUE folder (default: $GLUE_DIR, as train_glue.py)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs side by side")
-    p.add_argument("--gpus", type=int, default=1, help="spread the runs over this many GPUs (CUDA_VISIBLE_DEVICES "
-                   "per run, the least busy GPU first)")
-    p.add_argument("--steps", default=None, help="optimiser steps of every run, or 'auto': the largest of the plan's "
-                   "choices that fits --time_limit, from the smoke runs' speed (default: 200; --quick: 6)")
-    p.add_argument("--time_limit", type=float, default=0, help="seconds; start no run that would end later, kill "
-                   "what still runs then (0: none)")
-    p.add_argument("--tasks", help="comma-separated subset of the plan's tasks")
-    p.add_argument("--out", help="runs folder (default runs/study, --quick: runs/study-quick)")
-    p.add_argument("--results", help="report path (default RESULTS.md next to study.py; --quick: <out>/RESULTS.md)")
-    p.add_argument("--png", help="figure path (default results.png next to the report)")
-    p.add_argument("--note", help="a line about the environment, recorded in RESULTS.md (e.g. 'runs under CUDA MPS')")
-    p.add_argument("--smoke_only", action="store_true", help="run the smoke phase only; exit 1 if any smoke run failed")
+    a = p.add_argument_group("what to do (default: run the plan)")
+    a.add_argument("--plan", action="store_true", help="print the runs in order with steps and estimates, then stop")
+    a.add_argument("--prepare", metavar="DIR", help="write an fp16 copy of --model and the tasks' GLUE files into DIR")
+    a.add_argument("--report_only", action="store_true", help="only rewrite RESULTS.md and the PNG from the JSONs")
+    a.add_argument("--unpack", nargs="+", metavar="FILE", help="restore what --pack bundled into --out, then stop")
+    a.add_argument("--pack", metavar="FILE", help="after running (or with --no_run: now), bundle the finished runs' "
+                   "files into FILE (.tar.gz) for the way back")
+    a.add_argument("--pack_states", type=float, default=0, metavar="MIB", help="with --pack: also bundle the "
+                   "train_state.pt of unfinished runs, up to MIB in all (files of at most 15 MiB beside FILE); they "
+                   "must travel back with the runs folder (carry experiments/runs/paper)")
+    a.add_argument("--no_run", action="store_true", help="do not run (with --pack / --wait)")
+    a.add_argument("--detach", action="store_true", help="run the study in a new process session (it survives the "
+                   "command that started it; its output goes to <out>/console.log), then --wait / --pack")
+    a.add_argument("--wait", type=float, default=0, metavar="S", help="wait up to S seconds for a detached study of "
+                   "--out to end (printing its progress), then --pack")
+    w = p.add_argument_group("the plan")
+    w.add_argument("--quick", action="store_true", help="a tiny plan for CI (CPU, seconds)")
+    w.add_argument("--tasks", help="comma-separated subset of the plan's tasks")
+    w.add_argument("--parts", help="comma-separated part numbers to run (1-5; default all, in order)")
+    w.add_argument("--epochs", help="TASK=EPOCHS[,...]: train these tasks for fewer epochs than the paper "
+                   "(default: the caps recorded in <out>/study.json, else sst2=2)")
+    w.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
+    w.add_argument("--configs", help="comma-separated subset of the configurations (e.g. lora2-k8,lora-r8)")
+    r = p.add_argument_group("running")
+    r.add_argument("--model", help="BERT checkpoint folder for train_glue.py (default: its packaged MiniLM)")
+    r.add_argument("--data_dir", help="GLUE folder (default: $GLUE_DIR, as train_glue.py)")
+    r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    r.add_argument("--gpus", default="auto", help="spread the runs over this many GPUs (CUDA_VISIBLE_DEVICES per "
+                   "run, the least busy first); auto: every GPU torch sees")
+    r.add_argument("--jobs", default="auto", help="runs side by side in all (auto: 8 per GPU, else 1)")
+    r.add_argument("--time_limit", type=float, default=0, help="seconds; stop the runs still going at time_limit "
+                   "minus --reserve (they resume next time), start none estimated to end later (0: no limit)")
+    r.add_argument("--reserve", type=float, default=20, help="seconds kept free before --time_limit for stopping, "
+                   "packing and the report")
+    r.add_argument("--partial", action="store_true", help="with --time_limit: also start runs that will not finish "
+                   "(they checkpoint and resume next time: with --detach, or with --pack_states)")
+    r.add_argument("--step_s", type=float, default=None, help="prior seconds per step before any is measured "
+                   "(default on CUDA 0.08, with --compile 0.02; on CPU 0.5)")
+    r.add_argument("--startup_s", type=float, default=40, help="prior seconds a run spends outside its steps")
+    r.add_argument("--compile", action="store_true", help="forward --compile to train_glue.py")
+    r.add_argument("--train_args", help="more train_glue.py flags for every run, e.g. '--pooling cls' (recorded)")
+    r.add_argument("--progress", type=float, default=60, help="seconds between progress lines")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", help="runs folder (default experiments/runs/paper; --quick: experiments/runs/paper-quick)")
+    o.add_argument("--results", help="report path (default experiments/RESULTS.md; --quick: <out>/RESULTS.md)")
+    o.add_argument("--png", help="figure path (default results.png next to the report)")
+    o.add_argument("--no_report", action="store_true", help="do not write the report after running")
     return p
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    plan = quick_plan() if args.quick else full_plan()
+    out = Path(args.out) if args.out else HERE / "runs" / ("paper-quick" if args.quick else "paper")
+    # the caps are part of the plan: without --epochs, the ones the study in --out recorded
+    epochs = parse_epochs(args.epochs) if args.epochs else (read_json(out / "study.json") or {}).get("epochs")
+    plan = quick_plan(epochs) if args.quick else full_plan(epochs)
+    whole = quick_plan(epochs) if args.quick else full_plan(epochs)  # the report covers the whole plan
     if args.tasks:
         unknown = set(args.tasks.split(",")) - set(plan.tasks)
         if unknown:
             raise SystemExit(f"study.py: error: --tasks {sorted(unknown)} not in the plan's {sorted(plan.tasks)}")
         plan.tasks = {t: f for t, f in plan.tasks.items() if t in args.tasks.split(",")}
-        if plan.sweep_task not in plan.tasks:
-            plan.sweep_task = next(iter(plan.tasks))
-    out = Path(args.out) if args.out else HERE / "runs" / ("study-quick" if args.quick else "study")
+    if args.seeds:
+        plan.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.configs:
+        unknown = set(args.configs.split(",")) - {c.name for c in plan.configs}
+        if unknown:
+            raise SystemExit(f"study.py: error: --configs {sorted(unknown)} not in the plan's "
+                             f"{[c.name for c in plan.configs]}")
+        plan.configs = [c for c in plan.configs if c.name in args.configs.split(",")]
+    parts = [int(x) for x in args.parts.split(",")] if args.parts else None
     results_md = Path(args.results) if args.results else (out / "RESULTS.md" if args.quick else HERE / "RESULTS.md")
     png = Path(args.png) if args.png else results_md.with_name("results.png")
-    if args.steps is None:
-        args.steps = "6" if args.quick else "200"
-    if args.steps != "auto" and not args.steps.isdigit():
-        raise SystemExit(f"study.py: error: --steps must be a positive integer or 'auto', got {args.steps!r}")
+    data_dir = args.data_dir or os.environ.get("GLUE_DIR") or "glue_data"
 
     if args.prepare:
-        from_dir = args.model or _packaged_model()
-        prepare(args.prepare, from_dir, args.data_dir or os.environ.get("GLUE_DIR") or "glue_data", plan.tasks)
+        prepare(args.prepare, args.model or _packaged_model(), data_dir, plan.tasks)
+        return 0
+    if args.unpack:
+        unpack(out, [Path(p) for p in args.unpack])
         return 0
     if args.report_only:
-        write_report(plan, args, out, results_md, png)
+        write_report(whole, out, results_md, png, data_dir, args.quick)
         return 0
 
-    started = time.time()
-    deadline = started + args.time_limit if args.time_limit else None
+    gpus = (gpu_count() if args.device != "cpu" else 0) if args.gpus == "auto" else int(args.gpus)
+    args.gpus = gpus
+    args.jobs = (8 * gpus if gpus else 1) if args.jobs == "auto" else int(args.jobs)
+    if args.step_s is None:
+        args.step_s = (0.02 if args.compile else 0.08) if gpus else 0.5
+    runs = plan_runs(plan, parts)
+
+    if args.plan:
+        return print_plan(plan, runs, data_dir, out, args)
+    if args.compile and "compile" not in {f.name for f in dataclasses.fields(train_glue.Config)}:
+        raise SystemExit("study.py: error: --compile: this train_glue.py has no --compile flag yet")
+
     out.mkdir(parents=True, exist_ok=True)
+    if args.detach and not args.no_run:
+        child = [a for a in argv if a not in ("--detach",)]
+        child = strip_option(strip_option(strip_option(child, "--pack"), "--wait"), "--pack_states")
+        with open(out / "console.log", "a") as log:
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *child], stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                    cwd=os.getcwd(), env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        print(f"started the study in the background (pid {proc.pid}, output in {out / 'console.log'})", flush=True)
+        if args.wait:
+            wait_for(out, args.wait, args.progress, proc)
+        if args.pack:
+            pack(out, args.pack, runs, args.pack_states)
+        return 0
+    code = 0
+    if not args.no_run:
+        try:
+            code = run_study(plan, runs, args, argv, out, data_dir, results_md, png, whole)
+        finally:
+            if args.pack:
+                pack(out, args.pack, runs, args.pack_states)
+        return code
+    if args.wait:
+        wait_for(out, args.wait, args.progress)
+    if args.pack:
+        pack(out, args.pack, runs, args.pack_states)
+    return code
+
+
+def strip_option(argv, name):
+    """argv without `name` and its value (either '--name value' or '--name=value')."""
+    result, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == name:
+            skip = True
+            continue
+        if a.startswith(name + "="):
+            continue
+        result.append(a)
+    return result
+
+
+def wait_for(out, seconds, every, proc=None):
+    """Wait until the study running on `out` ends (proc, or the pid in <out>/study.pid), at most `seconds`."""
+    end, last = time.time() + seconds, 0.0
+    pid_file = out / "study.pid"
+    while time.time() < end:
+        if proc is not None:
+            if proc.poll() is not None:
+                print(f"the study ended (exit {proc.returncode})", flush=True)
+                break
+        else:
+            try:
+                os.kill(int(pid_file.read_text()), 0)
+            except (OSError, ValueError):
+                print("the study is not running (any more)", flush=True)
+                break
+        if time.time() - last >= every:
+            last = time.time()
+            lines = read_tail(out / "console.log", 3000).strip().splitlines()
+            print(f"[wait {fmt_time(time.time() - end + seconds)}] " + (lines[-1] if lines else ""), flush=True)
+        time.sleep(min(2.0, max(0.1, end - time.time())))
+    lines = read_tail(out / "console.log", 6000).strip().splitlines()
+    print("\n".join(lines[-15:]), flush=True)
+
+
+def print_plan(plan, runs, data_dir, out, args):
+    """The plan as a table: run-id, part, steps, status, and an estimate at --step_s with --jobs side by side."""
+    try:
+        sizes = train_sizes(plan, data_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"study.py: error: --plan needs the GLUE data ({e})")
+    speeds = Speeds(args.step_s, args.startup_s)
+    total, by_part = 0.0, {}
+    print(f"{'run-id':<40} part {'steps':>7} {'est.':>7}  status")
+    for run in runs:
+        steps = run.steps(sizes[run.task], plan.batch)
+        est = speeds.estimate(run, steps)
+        done = result_of(out, run) is not None
+        print(f"{run.id:<40} {run.part + 1:>4} {steps:>7,} {fmt_time(est):>7}  {'done' if done else ''}")
+        if not done:
+            total += est
+            by_part.setdefault(run.part, [0, 0, 0.0])
+            by_part[run.part][0] += 1
+            by_part[run.part][1] += steps
+            by_part[run.part][2] += est
+    print(f"\nat {args.step_s} s/step and {args.startup_s:.0f} s start-up per run, {args.jobs} side by side:")
+    for i, (n, steps, est) in sorted(by_part.items()):
+        print(f"  part {i + 1} ({plan.parts[i].name}): {n} runs, {steps:,} steps, ~{fmt_time(est / args.jobs)}")
+    print(f"  all: ~{fmt_time(total / max(1, args.jobs))} (the sum / jobs; the longest run bounds it from below)")
+    return 0
+
+
+def run_study(plan, runs, args, argv, out, data_dir, results_md, png, whole):
+    started = time.time()
+    deadline = started + args.time_limit - args.reserve if args.time_limit else None
+    try:
+        sizes = train_sizes(plan, data_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"study.py: error: {e}")
+    check_finished(plan, out, runs, sizes)
     state = read_json(out / "study.json") or {}
-    session = {"command": "python " + " ".join([Path(sys.argv[0]).name] + list(argv if argv is not None
-                                                                              else sys.argv[1:])),
-               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)), "hardware": hardware()}
-    state.setdefault("sessions", []).append(session)
-    state["jobs"] = args.jobs
-    state["model"] = model_info(args.model)
+    session = {"command": "python experiments/study.py " + " ".join(argv),
+               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)), "hardware": hardware(),
+               "jobs": args.jobs, "gpus": args.gpus}
     session["code"] = {path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:12]
                        for path in (HERE / "study.py", HERE / "baselines.py", *(ROOT / f"{name}.py" for name in
                                     ("train_glue", "lora2", "bert", "glue", "rundir"))) if path.exists()}
-    if args.note:
-        state["note"] = args.note
+    state.setdefault("sessions", []).append(session)
+    index = len(state["sessions"]) - 1
+    state["model"] = model_info(args.model)
+    state["train_sizes"] = sizes
+    if state.get("epochs", plan.epochs) != plan.epochs:
+        print(f"note: the study in {out} recorded the caps {state['epochs']}; this session's are {plan.epochs}",
+              flush=True)
+    state["epochs"] = plan.epochs
+    state["constant_scores"] = constant_scores(plan, data_dir)
 
     def save_state():
         session["wall_s"] = round(time.time() - started, 1)
         atomic_write(out / "study.json", json.dumps(state, indent=1) + "\n")
 
-    statuses = {}
-    steps = state.get("steps")
-    if args.steps != "auto":
-        if steps is not None and steps != int(args.steps):
-            raise SystemExit(f"study.py: error: {out} holds a study of {steps} steps, not {args.steps}; "
-                             f"use another --out")
-        steps = int(args.steps)
-    if steps is None or args.smoke_only:
-        # smoke: every family on every task, side by side; their speed sets --steps auto
-        print(f"== smoke: {len(smoke_runs(plan))} short runs ({plan.smoke_steps} steps)", flush=True)
-        t0 = time.time()
-        smoke_status = run_all(smoke_runs(plan), plan, args, out, deadline)
-        statuses.update(smoke_status)
-        failed = [k for k, v in smoke_status.items() if v != "ok"]
-        if args.smoke_only:
-            save_state()
-            return 1 if failed else 0
-        if len(failed) == len(smoke_runs(plan)):
-            save_state()
-            raise SystemExit(f"study.py: every smoke run failed (logs under {out}/smoke/); stopping")
-        durations = {r.id: (read_json(out / r.dir_name / "study_run.json") or {}).get("elapsed_s")
-                     for r in smoke_runs(plan)}
-        speeds = speed_table(plan, out, {k: v for k, v in durations.items() if v})
-        left = (deadline - time.time() - 15) if deadline else 3600.0
-        steps, estimate = choose_steps(plan, speeds, args.jobs, left)
-        state["steps"] = steps
-        state["speeds"] = {f"{t}/{f}": [round(o, 2), round(s, 5)] for (t, f), (o, s) in speeds.items()}
-        state["steps_reason"] = (f"chosen by `--steps auto`: the largest of {list(plan.step_choices)} whose sweep and "
-                                 f"grid were estimated to fit in the {left:.0f} s left of --time_limit "
-                                 f"{args.time_limit:.0f} s, from the speed of the smoke runs "
-                                 f"({time.time() - t0:.0f} s, all side by side); estimate {estimate:.0f} s.")
-        print(f"== steps: {steps} (estimated {estimate:.0f} s for sweep + grid, {left:.0f} s left)", flush=True)
-    state["steps"] = steps
     save_state()
-    speeds = {tuple(k.split("/")): tuple(v) for k, v in state.get("speeds", {}).items()}
-
-    history = {}  # (task, family) -> [seconds] of the runs finished by this invocation
-
-    def estimate(run):
-        """Expected seconds of a run: from the smoke runs' speed if measured, else from the finished runs like it."""
-        if (run.task, run.method.family) in speeds:
-            o, s = speeds[run.task, run.method.family]
-            return o + s * run.steps
-        for like in ([(run.task, run.method.family)], [k for k in history if k[1] == run.method.family], list(history)):
-            seconds = [d for k in like for d in history.get(k, [])]
-            if seconds:
-                return float(np.median(seconds))
-        return 0.0
-
-    print(f"== sweep: {len(sweep_runs(plan, steps))} runs on {plan.sweep_task}", flush=True)
-    statuses.update(run_all(sweep_runs(plan, steps), plan, args, out, deadline, estimate, history))
-    lrs, _ = choose_lrs(plan, out, steps)
-    print("== learning rates: " + ", ".join(f"{f} {fmt_lr(lr)}" for f, lr in lrs.items()), flush=True)
-    grid = grid_runs(plan, steps, lrs)
-    print(f"== grid: {len(grid)} runs", flush=True)
-    statuses.update(run_all(grid, plan, args, out, deadline, estimate, history))
-    save_state()
-    write_report(plan, args, out, results_md, png)
+    atomic_write(out / "study.pid", str(os.getpid()))
+    print(f"== {len(runs)} runs in {len(plan.parts)} parts, {args.jobs} side by side on "
+          f"{f'{args.gpus} GPU(s)' if args.gpus else 'the CPU'}"
+          + (f", time limit {args.time_limit:.0f} s" if deadline else ""), flush=True)
+    try:
+        statuses = run_all(runs, plan, sizes, args, out, deadline, session=index)
+    finally:
+        save_state()
+        (out / "study.pid").unlink(missing_ok=True)
+    if not args.no_report:
+        write_report(whole, out, results_md, png, data_dir, args.quick)
     bad = {k: v for k, v in statuses.items() if v != "ok"}
     if bad:
         print(f"{len(bad)} runs did not finish:")
@@ -907,29 +1387,6 @@ def main(argv=None):
             print(f"  {k}: {v}")
         return 1
     return 0
-
-
-def model_info(model_dir):
-    """{"path", "dtypes"} of the backbone's model.safetensors, for the report."""
-    path = Path(model_dir) if model_dir else _packaged_model()
-    try:
-        tensors = bert.load_safetensors(path / "model.safetensors")
-    except (OSError, ValueError):
-        return {"path": str(path)}
-    names = {v: k for k, v in bert.SAFETENSORS_DTYPES.items()}
-    source = (read_json(path / "prepared_from.json") or {}).get("source")
-    return {"path": str(model_dir or path), "dtypes": sorted({names[t.dtype] for t in tensors.values()}),
-            **({"source": source} if source else {})}
-
-
-def is_fp16(info):
-    """Whether model_info() saw float16 weights (integer buffers such as position_ids aside)."""
-    dtypes = set(info.get("dtypes", []))
-    return "F16" in dtypes and not dtypes & {"F32", "BF16", "F64"}
-
-
-def _packaged_model():
-    return bert.default_model_dir(install=False)
 
 
 if __name__ == "__main__":
