@@ -23,7 +23,8 @@ import lora2
 # checkpoints
 
 RUN_CONTROL = {  # flags that may differ when a run resumes: they change where and how it runs, not what it computes
-    "data_dir", "no_download", "out_dir", "save_every", "resume", "log_every", "export_peft", "plot", "device"}
+    "data_dir", "no_download", "out_dir", "save_every", "resume", "log_every", "export_peft", "plot", "device",
+    "compile", "compile_backend"}
 
 
 def torch_save(obj, path):

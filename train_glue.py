@@ -11,7 +11,8 @@ evaluation, the report. One optimiser step:
 Writes into --out_dir: metrics.json, adapter.pt (best adapter + head, reloadable with --eval_only --load) and, with
 --save_every, train_state.pt (resumable with --resume). Only rank 0 prints or writes.
 Not here: GLUE readers, fetch, batching and metrics (glue.py); the BERT and its tokenizer (bert.py); the method's
-equations (lora2.py); the baselines --method lora / adalora / full (experiments/baselines.py, PEFT for the first two).
+equations (lora2.py); the baselines --method lora / adalora / full (experiments/baselines.py, PEFT for the first two);
+--compile, default on CUDA: torch.compile of the step's pieces, the step replayed from CUDA graphs (compiled.py).
 """
 import argparse
 import contextlib
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 import bert
+import compiled
 import glue
 import lora2
 import rundir
@@ -91,6 +93,8 @@ class Config:
     preset: typing.Optional[str] = _opt(None, "the authors' per-task hyperparameters (SPEC §5)", ("paper",))
     plot: bool = _opt(False, "write rank_pattern.png (needs matplotlib)")
     device: str = _opt("auto", "auto = cuda when available (bf16 autocast), else cpu", ("auto", "cpu", "cuda"))
+    compile: typing.Optional[bool] = _opt(None, "torch.compile + CUDA graphs (default: on for one CUDA process)")
+    compile_backend: str = _opt("inductor", "torch.compile backend (none: CUDA graphs only)", compiled.BACKENDS)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -150,8 +154,9 @@ def parse_config(argv=None):
     for f in dataclasses.fields(Config):
         tp = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])  # Optional[X]->X
         help_text = f.metadata["help"] + ("" if "default" in f.metadata["help"] else f" (default: {f.default})")
-        if tp is bool:
-            p.add_argument(f"--{f.name}", action="store_true", help=help_text)
+        if tp is bool:  # --flag; --flag / --no-flag where the default is None (auto)
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction if f.default is None else "store_true",
+                           help=help_text)
         else:
             p.add_argument(f"--{f.name}", type=tp, choices=f.metadata["choices"], help=help_text)
     given = vars(p.parse_args(argv))  # only the flags given: presets fill the rest
@@ -264,7 +269,7 @@ def _train(cfg, rank, world, device, stop_at):
     if len(train_ex) < cfg.batch_size:
         raise ValueError(f"{len(train_ex)} training examples are fewer than one batch of {cfg.batch_size}")
     steps = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * (len(train_ex) // cfg.batch_size))
-    cfg = dataclasses.replace(cfg, steps=steps, epochs=None)  # resolved; saved with every checkpoint
+    cfg = dataclasses.replace(cfg, steps=steps, epochs=None, compile=compiled.resolve(cfg.compile, device, world))
 
     # model: the backbone, the method injected into it (LoRA²: inject + Pruner)
     backbone, tokenize, pad_id, targets = bert.load_classifier(task.num_labels, cfg.model, cfg.hf,
@@ -285,8 +290,8 @@ def _train(cfg, rank, world, device, stop_at):
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     no_decay = [p for n, p in params if n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n]
     decay = [p for n, p in params if not (n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, fused=True)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},  # fused; CUDA graphs: lr tensor
+                                   {"params": no_decay, "weight_decay": 0.0}], **compiled.adamw_options(cfg, device))
     warm = round(cfg.warmup * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: t / warm if t < warm else max(0.0, (steps - t) / max(1, steps - warm)))
@@ -301,15 +306,7 @@ def _train(cfg, rank, world, device, stop_at):
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    # the loop
-    model.train()
-    global_step = run["global_step"]
-    t0, start_step, loss_sum, reg_sum, n_sum = time.time(), global_step, 0.0, 0.0, 0
-    while global_step < steps:
-        if stop_at is not None and global_step >= stop_at:
-            return {"stopped_at": global_step}, model
-        index = glue.batch_index(global_step, lengths, cfg.batch_size, cfg.seed, cfg.length_groups)[rank::world]
-        batch, labels = glue.collate(train_enc, index, pad_id, device), train_y[index].to(device)
+    def device_step(batch, labels):  # the step's device work; --compile compiles its pieces, replays it from graphs
         with autocast(device):
             logits = logits_of(net(**batch))                    # (B/world, num_labels)
         loss_task = glue.task_loss(logits, labels)
@@ -318,13 +315,26 @@ def _train(cfg, rank, world, device, stop_at):
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.clip)
         optimizer.step()
+        return loss_task.detach(), None if reg is None else reg.detach()
+    step = compiled.step(device_step, model, method, optimizer, cfg) if cfg.compile else device_step  # compiled.py
+    buckets = glue.length_buckets(cfg.max_len) if cfg.compile else None  # compiled: a few batch shapes
+    # the loop
+    model.train()
+    global_step = run["global_step"]
+    t0, start_step, loss_sum, reg_sum, n_sum = time.time(), global_step, 0.0, 0.0, 0
+    while global_step < steps:
+        if stop_at is not None and global_step >= stop_at:
+            return {"stopped_at": global_step}, model
+        index = glue.batch_index(global_step, lengths, cfg.batch_size, cfg.seed, cfg.length_groups)[rank::world]
+        batch, labels = glue.collate(train_enc, index, pad_id, device, buckets), glue.to_device(train_y[index], device)
+        loss_task, reg = step(batch, labels)  # forward → loss + γ·R → backward → clip → optimizer.step
         scheduler.step()
         method.after_step(global_step)                          # LoRA²: pruner.step(t), (L5)–(L8)
         optimizer.zero_grad(set_to_none=True)
         global_step += 1
 
-        loss_sum += loss_task.detach()                          # summed on the device: no sync per step
-        reg_sum += 0.0 if reg is None else reg.detach()
+        loss_sum += loss_task                                   # summed on the device: no sync per step
+        reg_sum += 0.0 if reg is None else reg
         n_sum += 1
         if global_step % cfg.log_every == 0 or global_step == steps:
             rate = (global_step - start_step) / (time.time() - t0)
