@@ -693,7 +693,7 @@ def profile_steps(fn, device, n):
             fn()
         sync(device)
     events = prof.events()
-    on_gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+    on_gpu = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     launches = sum(1 for e in events if e.device_type == DeviceType.CPU and e.name in LAUNCH_APIS)
     by_name = {}
     for e in on_gpu:
@@ -726,7 +726,7 @@ def bench_step(device, cfg, args):
     plan = [(k, None) for k in kinds] + [(k, backend) for k in kinds]
     if device.type == "cuda" and backend != "none":
         plan.append(("lora2", "none"))
-    warmup, rounds, n_prof = (3, 3, 2) if args.quick else (6, cfg.model_steps, 10)
+    warmup, rounds = (3, 3) if args.quick else (6, cfg.model_steps)
     started, results = time.perf_counter(), []
     for label, (config, batch_size, tokens) in step_shapes(args).items():
         torch.manual_seed(2)
@@ -762,8 +762,9 @@ def bench_step(device, cfg, args):
         for case in built:
             row = rows[case.name]
             row["syncs"], row["sync_sites"] = count_syncs(lambda: case.step(batch, labels), device)
-            while case.t % 10 != 1:  # profile n_prof steps that hold exactly n_prof / 10 maskings
+            while case.t % 10 != 1:  # compiled: profile 10 steps, one of them masking; eager: 5, none masking
                 case.step(batch, labels)
+            n_prof = 2 if args.quick else 5 if case.backend is None else 10
             prof = profile_steps(lambda: case.step(batch, labels), device, n_prof)
             row.update(prof or {})
             row["step_ms"], row["mean_ms"] = statistics.median(row["times"]), statistics.fmean(row["times"])
@@ -771,6 +772,9 @@ def bench_step(device, cfg, args):
                 else (row["step_ms"],) * 3
         results.append(dict(shape=label, batch=batch_size, tokens=tokens, layers=config.num_hidden_layers,
                             hidden=config.hidden_size, rows=list(rows.values()), skipped=skipped))
+        print("\n" + report_step(results[-1:], device), flush=True)  # each shape as soon as it is measured
+        if args.json:
+            write_atomic(args.json + ".partial", json.dumps(results, indent=1, default=str))
         del built, batch, labels
         torch._dynamo.reset()
         free(device)
@@ -816,6 +820,8 @@ def bench_e2e(device, cfg, args):
                 m = json.loads(metrics.read_text())
                 run.update(accuracy=m["main_metric"], best_step=m["best_step"], trained_wall_s=m["wall_s"])
             runs.append(run)
+            if args.json:
+                write_atomic(args.json + ".partial", json.dumps(runs, indent=1, default=str))
     return runs
 
 
