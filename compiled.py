@@ -56,7 +56,18 @@ def compile_pieces(model, method, backend):
     pruner = getattr(method, "pruner", None)
     name = "update_scores" if hasattr(pruner, "update_scores") else "_update_scores"
     if pruner is not None and hasattr(pruner, name):
-        setattr(pruner, name, torch.compile(getattr(pruner, name), backend=backend))
+        setattr(pruner, name, _compiled_after_first_call(getattr(pruner, name), backend))
+
+
+def _compiled_after_first_call(fn, backend):
+    """fn eagerly at its first call, then torch.compile'd: a Pruner built before model.to(device) moves its scores at
+    its first update, and a compilation of that call would be recompiled at the next (the device changed)."""
+    compiled_fn, calls = torch.compile(fn, backend=backend), []
+
+    def call(*args, **kwargs):
+        calls.append(None)
+        return (fn if len(calls) == 1 else compiled_fn)(*args, **kwargs)
+    return call
 
 
 class GraphedStep:
