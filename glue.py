@@ -218,16 +218,30 @@ def encode(tokenize, examples, max_len):
     return [tokenize(a, b, max_len) for a, b, _ in examples], [y for _, _, y in examples]
 
 
-def collate(encoded, index, pad_id, device):
-    """Pad the chosen examples to the longest one: input_ids, attention_mask, token_type_ids, each (B, L)."""
+def collate(encoded, index, pad_id, device, buckets=None):
+    """Pad the chosen examples to the longest one, or up to the next of `buckets` (increasing lengths, the last one
+    at least the longest example: a compiled step then sees a few shapes): input_ids, attention_mask,
+    token_type_ids, each (B, L), on `device` (see to_device)."""
     seqs = [encoded[i] for i in index]
     L = max(len(ids) for ids, _ in seqs)
+    L = next(b for b in buckets if b >= L) if buckets else L
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     types = torch.zeros((len(seqs), L), dtype=torch.long)
     mask = torch.zeros((len(seqs), L), dtype=torch.long)
     for j, (a, t) in enumerate(seqs):
         ids[j, :len(a)], types[j, :len(t)], mask[j, :len(a)] = torch.tensor(a), torch.tensor(t), 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "token_type_ids": types.to(device)}
+    return {"input_ids": to_device(ids, device), "attention_mask": to_device(mask, device),
+            "token_type_ids": to_device(types, device)}
+
+
+def to_device(tensor, device):
+    """`tensor` on `device`; to CUDA from pinned memory without blocking, so the host never waits for the GPU."""
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
+
+
+def length_buckets(max_len, n=4):
+    """The lengths a compiled step pads its batches to: n even steps up to max_len, rounded up to multiples of 8."""
+    return sorted({min(max_len, 8 * math.ceil(max_len * (i + 1) / n / 8)) for i in range(n)})
 
 
 @functools.lru_cache(maxsize=2)

@@ -119,7 +119,7 @@ def write(path, data):
 
 RUN_CONTROL = {  # flags that may differ when a run resumes: they change where and how it runs, not what it computes
     "data_dir", "no_download", "out_dir", "save_every", "resume", "overwrite", "log_every", "export_peft", "plot",
-    "device"}
+    "device", "compile", "compile_backend"}
 EVAL_CONTROL = {"data_dir", "no_download", "device", "eval_only", "load"}  # --eval_only takes the rest from --load
 KINDS = {"adapter": "an adapter.pt (best adapter + head, for --eval_only --load)",
          "train_state": "a train_state.pt (resumable training state, for --resume)"}

@@ -149,3 +149,15 @@ def test_metrics_against_hand_computed_values():
     # ranks x = [1, 2.5, 2.5, 4], y = [1, 3, 2, 4]: covariance sum 4.5, squared deviations 4.5 and 5
     assert glue.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
     assert glue.task_metrics(glue.TASKS["mrpc"], pred, gold) == {"accuracy": 0.6, "f1": pytest.approx(4 / 6)}
+
+
+def test_compiled_batches_pad_to_a_few_lengths():
+    """--compile pads each batch up to the next bucket length, so a run records a handful of CUDA graphs."""
+    assert glue.length_buckets(64) == [16, 32, 48, 64] and glue.length_buckets(128) == [32, 64, 96, 128]
+    assert glue.length_buckets(20) == [8, 16, 20] and glue.length_buckets(320) == [80, 160, 240, 320]
+    encoded = [([2, 7, 3], [0, 0, 0]), ([2, 7, 8, 9, 3], [0, 0, 0, 1, 1])]
+    plain = glue.collate(encoded, [0, 1], 0, torch.device("cpu"))
+    padded = glue.collate(encoded, [0, 1], 0, torch.device("cpu"), glue.length_buckets(64))
+    assert plain["input_ids"].shape == (2, 5) and padded["input_ids"].shape == (2, 16)
+    for key in plain:  # the same batch, longer padding: ids pad_id, mask and token types 0
+        assert torch.equal(padded[key][:, :5], plain[key]) and not padded[key][:, 5:].any()

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import socket
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 import bert
+import compiled
 import lora2
 import rundir
 import train_glue as tg
@@ -121,6 +123,42 @@ def test_train_counts_prunes_and_eval_only_reproduces_the_metric(tiny, tmp_path,
     metrics = tg.evaluate_checkpoint(tg.Config(eval_only=True, load=str(tmp_path / "run" / "adapter.pt"),
                                                data_dir=cfg.data_dir, no_download=True, device="cpu"))
     assert metrics == summary["metrics"]  # exactly
+
+
+def test_compile_flag_auto_off_on_cpu_and_refused_under_ddp():
+    assert [tg.parse_config(argv).compile for argv in ([], ["--compile"], ["--no-compile"])] == [None, True, False]
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (compiled.resolve(None, cpu, 1), compiled.resolve(None, cuda, 1), compiled.resolve(None, cuda, 2)) == (
+        False, True, False)
+    with pytest.raises(ValueError, match="--compile does not run under DDP"):
+        compiled.resolve(True, cuda, 2)
+
+
+def test_compiled_step_trains_like_the_eager_one(tiny, tmp_path, monkeypatch):
+    """--compile on the CPU: the blocks, the regulariser and the score update through torch.compile with the
+    aot_eager backend (dynamo + AOTAutograd, no compiler), batches padded to bucket lengths. Without dropout (whose
+    random numbers differ between eager and compiled code) it ends where eager training ends, up to rounding."""
+    monkeypatch.setattr(torch.fx.experimental._config, "use_duck_shape", True)  # restored after the test
+    model_dir = tmp_path / "bert-nodrop"
+    shutil.copytree(tiny[0], model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    runs = {}
+    for mode in ("eager", "compiled"):
+        cfg = tiny_config(tiny, tmp_path / mode, model=str(model_dir), steps=8, eval_every=0,
+                          compile=mode == "compiled", compile_backend="aot_eager")
+        torch._dynamo.reset()
+        runs[mode] = tg.train(cfg)
+        if mode == "compiled":
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3  # blocks, regulariser, score update
+    (eager, eager_model), (fast, fast_model) = runs["eager"], runs["compiled"]
+    assert fast["args"]["compile"] is True and eager["args"]["compile"] is False
+    assert fast["rank_pattern"] == eager["rank_pattern"] and fast["metrics"] == eager["metrics"]
+    state_eager, state_fast = adapter_and_head(eager_model), adapter_and_head(fast_model)
+    for key in state_eager:
+        torch.testing.assert_close(state_fast[key], state_eager[key], rtol=1e-4, atol=1e-5, msg=key)
+    torch._dynamo.reset()
 
 
 def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny, tmp_path):

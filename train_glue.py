@@ -5,13 +5,11 @@
     torchrun --nproc_per_node=2 train_glue.py       # DDP: gloo on CPU, nccl on GPU; --batch_size is the global batch
 
 Reads top to bottom: configuration, the method (LoRA² as an object with the interface the baselines in
-experiments/baselines.py share), then train(): data, model + inject + Pruner, optimiser and schedule, the loop,
-evaluation, the report. One optimiser step:
-    forward → loss = task + γ·R → backward → clip → optimizer.step → scheduler.step → pruner.step(t) → zero_grad
-Writes into --out_dir: metrics.json, adapter.pt (best adapter + head, reloadable with --eval_only --load) and, with
---save_every, train_state.pt (resumable with --resume). Only rank 0 prints or writes.
-Not here: GLUE readers, fetch, batching and metrics (glue.py); the BERT and its tokenizer (bert.py); the method's
-equations (lora2.py); the baselines --method lora / adalora / full (experiments/baselines.py, PEFT for the first two).
+experiments/baselines.py share), then train(): data, model + inject + Pruner, optimiser and schedule, the loop
+(forward → loss = task + γ·R → backward → clip → optimizer.step → scheduler.step → pruner.step(t) → zero_grad),
+evaluation, the report. Writes metrics.json, adapter.pt and (--save_every) train_state.pt into --out_dir (rundir.py).
+Not here: GLUE data and metrics (glue.py), the BERT (bert.py), the method's equations (lora2.py), the baselines
+(experiments/baselines.py), --compile's torch.compile + CUDA graphs (compiled.py, default on one GPU).
 """
 import argparse
 import contextlib
@@ -28,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 import bert
+import compiled
 import glue
 import lora2
 import rundir
@@ -91,6 +90,8 @@ class Config:
     preset: typing.Optional[str] = _opt(None, "the authors' per-task hyperparameters (SPEC §5)", ("paper",))
     plot: bool = _opt(False, "write rank_pattern.png (needs matplotlib)")
     device: str = _opt("auto", "auto = cuda when available (bf16 autocast), else cpu", ("auto", "cpu", "cuda"))
+    compile: typing.Optional[bool] = _opt(None, "torch.compile + CUDA graphs (default: on for one CUDA process)")
+    compile_backend: str = _opt("inductor", "torch.compile backend (none: CUDA graphs only)", compiled.BACKENDS)
     given = frozenset()  # not a field: the flags given on the command line (parse_config); --eval_only checks them
 
     def __post_init__(self):
@@ -159,8 +160,9 @@ def parse_config(argv=None):
     for f in dataclasses.fields(Config):
         tp = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])  # Optional[X]->X
         help_text = f.metadata["help"] + ("" if "default" in f.metadata["help"] else f" (default: {f.default})")
-        if tp is bool:
-            p.add_argument(f"--{f.name}", action="store_true", help=help_text)
+        if tp is bool:  # --flag; --flag / --no-flag where the default is None (auto)
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction if f.default is None else "store_true",
+                           help=help_text)
         else:
             p.add_argument(f"--{f.name}", type=tp, choices=f.metadata["choices"], help=help_text)
     given = vars(p.parse_args(argv))  # only the flags given: presets fill the rest
@@ -185,7 +187,7 @@ class LoRA2:
     def __init__(self, model, cfg, targets, steps=None):
         lora2.inject(model, targets, r=cfg.r, k=cfg.k, alpha=cfg.alpha, init=cfg.init)
         self.model, self.cross = model, cfg.cross
-        t_i, t_f = prune_schedule(cfg, steps)
+        t_i, t_f = round(cfg.init_warmup * (steps or 0)), round(cfg.final_warmup * (steps or 0))  # (L7), in steps
         self.pruner = lora2.Pruner(model, cfg.target_rank, steps, t_i, t_f, cfg.mask_interval,
                                    scored=cfg.scored) if steps else None
         self.final_phase = (steps or 0) - t_f
@@ -227,18 +229,10 @@ class LoRA2:
 
 def load_method(name):
     """The class that trains --method: LoRA2 above, or a baseline from experiments/baselines.py."""
-    if name in METHODS:
-        return METHODS[name]
+    if name == "lora2":
+        return LoRA2
     from experiments import baselines  # LoRA and AdaLoRA need peft; full fine-tuning needs nothing more
     return baselines.METHODS[name]
-
-
-METHODS = {"lora2": LoRA2}
-
-
-def prune_schedule(cfg, steps):
-    """(t_i, t_f) of (L7) in steps, from the fractions --init_warmup and --final_warmup."""
-    return (round(cfg.init_warmup * steps), round(cfg.final_warmup * steps)) if steps else (0, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -265,18 +259,17 @@ def _train(cfg, rank, world, device, stop_at):
     task = glue.TASKS[cfg.task]
     torch.manual_seed(cfg.seed)
 
-    # data: rank 0 fetches a missing task, the others wait for it
-    if rank == 0:
-        train_ex, dev, non_standard = glue.load(cfg.task, cfg.data_dir, cfg.dev_split, cfg.train_size, cfg.eval_size,
-                                                fetch=not cfg.no_download)
-    if world > 1:
-        dist.barrier()
+    # data: rank 0 fetches a missing task while the others wait at the barrier, then they read it
     if rank != 0:
-        train_ex, dev, non_standard = glue.load(cfg.task, cfg.data_dir, cfg.dev_split, cfg.train_size, cfg.eval_size)
+        dist.barrier()
+    train_ex, dev, non_standard = glue.load(cfg.task, cfg.data_dir, cfg.dev_split, cfg.train_size, cfg.eval_size,
+                                            fetch=rank == 0 and not cfg.no_download)
+    if rank == 0 and world > 1:
+        dist.barrier()
     if len(train_ex) < cfg.batch_size:
         raise ValueError(f"{len(train_ex)} training examples are fewer than one batch of {cfg.batch_size}")
     steps = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * (len(train_ex) // cfg.batch_size))
-    cfg = dataclasses.replace(cfg, steps=steps, epochs=None)  # resolved; saved with every checkpoint
+    cfg = dataclasses.replace(cfg, steps=steps, epochs=None, compile=compiled.resolve(cfg.compile, device, world))
 
     # model: the backbone, the method injected into it (LoRA²: inject + Pruner)
     backbone, tokenize, pad_id, targets = bert.load_classifier(task.num_labels, cfg.model, cfg.hf,
@@ -297,8 +290,8 @@ def _train(cfg, rank, world, device, stop_at):
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     no_decay = [p for n, p in params if n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n]
     decay = [p for n, p in params if not (n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, fused=True)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},  # fused; CUDA graphs: lr tensor
+                                   {"params": no_decay, "weight_decay": 0.0}], **compiled.adamw_options(cfg, device))
     warm = round(cfg.warmup * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: t / warm if t < warm else max(0.0, (steps - t) / max(1, steps - warm)))
@@ -313,15 +306,7 @@ def _train(cfg, rank, world, device, stop_at):
     if cfg.overwrite and rank == 0:
         rundir.clear(out_dir)                                   # the previous run goes now, all checks passed
 
-    # the loop
-    model.train()
-    global_step = run["global_step"]
-    t0, start_step, loss_sum, reg_sum, n_sum = time.time(), global_step, 0.0, 0.0, 0
-    while global_step < steps:
-        if stop_at is not None and global_step >= stop_at:
-            return {"stopped_at": global_step}, model
-        index = glue.batch_index(global_step, lengths, cfg.batch_size, cfg.seed, cfg.length_groups)[rank::world]
-        batch, labels = glue.collate(train_enc, index, pad_id, device), train_y[index].to(device)
+    def device_step(batch, labels):  # the step's device work; --compile compiles its pieces, replays it from graphs
         with autocast(device):
             logits = logits_of(net(**batch))                    # (B/world, num_labels)
         loss_task = glue.task_loss(logits, labels)
@@ -331,13 +316,27 @@ def _train(cfg, rank, world, device, stop_at):
         if cfg.clip:                                            # 0: no clipping
             torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.clip)
         optimizer.step()
+        return loss_task.detach(), None if reg is None else reg.detach()
+    step = compiled.step(device_step, model, method, optimizer, cfg) if cfg.compile else device_step  # compiled.py
+    buckets = glue.length_buckets(cfg.max_len) if cfg.compile else None  # compiled: a few batch shapes
+
+    # the loop
+    model.train()
+    global_step = run["global_step"]
+    t0, start_step, loss_sum, reg_sum, n_sum = time.time(), global_step, 0.0, 0.0, 0
+    while global_step < steps:
+        if stop_at is not None and global_step >= stop_at:
+            return {"stopped_at": global_step}, model
+        index = glue.batch_index(global_step, lengths, cfg.batch_size, cfg.seed, cfg.length_groups)[rank::world]
+        batch, labels = glue.collate(train_enc, index, pad_id, device, buckets), glue.to_device(train_y[index], device)
+        loss_task, reg = step(batch, labels)  # forward → loss + γ·R → backward → clip → optimizer.step
         scheduler.step()
         method.after_step(global_step)                          # LoRA²: pruner.step(t), (L5)–(L8)
         optimizer.zero_grad(set_to_none=True)
         global_step += 1
 
-        loss_sum += loss_task.detach()                          # summed on the device: no sync per step
-        reg_sum += 0.0 if reg is None else reg.detach()
+        loss_sum += loss_task                                   # summed on the device: no sync per step
+        reg_sum += 0.0 if reg is None else reg
         n_sum += 1
         if global_step % cfg.log_every == 0 or global_step == steps:
             rate = (global_step - start_step) / (time.time() - t0)
@@ -359,12 +358,10 @@ def _train(cfg, rank, world, device, stop_at):
             say(f"eval at step {global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                 + (" (best)" if is_best else ""))
             t0 += time.time() - eval_start                       # evaluation time is not training time
-        if cfg.save_every and global_step % cfg.save_every == 0 and global_step < steps and rank == 0:
-            rundir.save_train_state(state_path, cfg, method, optimizer, scheduler, device,
-                             {**run, "global_step": global_step, "elapsed": run["elapsed"] + time.time() - t0})
+        if cfg.save_every and rank == 0 and (global_step % cfg.save_every == 0 or global_step == steps):
+            rundir.save_train_state(state_path, cfg, method, optimizer, scheduler, device,  # the last: --resume reports
+                                    {**run, "global_step": global_step, "elapsed": run["elapsed"] + time.time() - t0})
     run["elapsed"] += time.time() - t0
-    if cfg.save_every and rank == 0:
-        rundir.save_train_state(state_path, cfg, method, optimizer, scheduler, device, {**run, "global_step": global_step})
 
     # the report: the best checkpoint's metrics, its rank pattern, its export
     method.load_trained_state(run["best"]["state"])

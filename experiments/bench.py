@@ -16,6 +16,13 @@ Settings (pick with --only; each prints one markdown table):
           LoRA2Linear | PEFT's LoRA Linear | a minimal reference LoRA (below) | the authors' formulation (below).
           CUDA: d_in = d_out = 4096 with 16,384 tokens, and 768 with 4,096 tokens. CPU: fp32, 768 with 2,048 tokens.
   merged  merged LoRA2Linear (after .merge()) against the bare nn.Linear, inference under no_grad.
+  step    the whole training step exactly as train_glue.py runs it (issue 11), eager and compiled (compiled.py:
+          torch.compile of the pieces, the step replayed from CUDA graphs), for LoRA² (+ γ·R + Pruner.step), the
+          minimal LoRA and PEFT LoRA, on bert.py's BERT with the packaged MiniLM's shape at 32 × 64 tokens and
+          BERT-base's at 32 × 128 (random weights); plus LoRA² as CUDA graphs of its eager kernels (--backend none).
+          Per step: wall ms (device synchronised before and after), GPU kernel ms, host launches (kernels, graphs,
+          copies) and GPU kernels (torch.profiler over 10 steps, one of them masking), host synchronisations.
+  e2e     train_glue.py end to end on SST-2 (MiniLM, batch 32): sustained steps/s, warm-up, dev accuracy, per seed.
 
 Timing: medians after warm-up; on CUDA with CUDA events, the device synchronised after each timed run. Variants are
 timed in interleaved rounds. A run of the layer settings is a block of `inner` back-to-back calls (launch overhead
@@ -27,6 +34,8 @@ what was allocated before the variant was built. On the CPU only time is reporte
     python experiments/bench.py --device cpu  # the CPU table
     python experiments/bench.py --quick       # smoke run with tiny shapes
     python experiments/bench.py --only model --fused --json out/bench.json --profile out/profile.txt
+    python experiments/bench.py --only step,e2e --json out/step.json     # issue 11: eager vs compiled
+    python experiments/bench.py --only step --quick --device cpu         # smoke run of the step setting
 """
 import argparse
 import copy
@@ -36,6 +45,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -51,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 import lora2  # noqa: E402
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-SETTINGS = ("model", "layer", "merged")
+SETTINGS = ("model", "layer", "merged", "step", "e2e")
 
 
 @dataclass
@@ -569,6 +579,253 @@ def bench_model(device, cfg, args, kinds=None, cases=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# the whole training step as train_glue.py runs it, eager and compiled (issue 11)
+
+STEP_NAMES = {"lora2": "LoRA² k=r=8 + γ·R + Pruner", "reference_lora": "minimal LoRA r=8", "peft_lora": "PEFT LoRA r=8"}
+LAUNCH_APIS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
+               "cudaMemcpyAsync", "cudaMemsetAsync")
+
+
+def step_shapes(args):
+    """{label: (bert.BertConfig, batch, tokens)}: the packaged MiniLM (its config.json; random weights) at 32 × 64 and
+    BERT-base at 32 × 128; --quick: a 2-layer, 32-wide BERT at 4 × 16."""
+    import bert
+
+    if args.quick:
+        return {"tiny 4×16": (bert.tiny_config(vocab_size=1000), 4, 16)}
+    minilm = bert.BertConfig.from_json(Path(args.model_dir or bert.default_model_dir()) / "config.json")
+    return {"MiniLM 32×64": (minilm, 32, 64), "BERT-base 32×128": (bert.BertConfig(), 32, 128)}
+
+
+class MinimalLoRA:
+    """The method interface of train_glue.py for the minimal LoRA (ReferenceLoRA on the same six matrices)."""
+
+    def __init__(self, model, cfg, targets):
+        model.requires_grad_(False)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, ReferenceLoRA(module, cfg.r, cfg.alpha))
+        for name, p in model.named_parameters():
+            p.requires_grad_(p.requires_grad or bool(set(name.split(".")) & set(lora2.HEAD)))
+        self.model = model
+
+    def regularizer(self):
+        return None
+
+    def after_step(self, t):
+        pass
+
+
+class TrainStep:
+    """One row of the step setting: bert.py's classifier (random weights) with `kind` on the six matrices of every
+    layer, stepped as train_glue.py steps: forward, loss + γ·R, backward, clip, AdamW (fused), the linear schedule,
+    the method's after_step (LoRA²: Pruner.step, scoring every step, masking every 10th: t_i = 0, cubic phase),
+    zero_grad. backend None: eager; else through compiled.py (torch.compile of the pieces with `backend`, "none" for
+    no torch.compile, and on CUDA the step replayed from a CUDA graph), exactly as train_glue.py --compile."""
+
+    def __init__(self, kind, config, device, backend=None):
+        import bert
+        import compiled
+        import glue
+        import train_glue
+
+        torch.manual_seed(0)
+        cfg = train_glue.Config(r=8, k=8, alpha=16, target_rank=4, steps=10_000, init_warmup=0.0, final_warmup=0.3,
+                                mask_interval=10, gamma=0.1, lr=1e-4, compile=backend is not None,
+                                compile_backend=backend or "none", device=device.type)
+        model = bert.BertForSequenceClassification(config, 2)
+        if kind == "lora2":
+            method = train_glue.LoRA2(model, cfg, bert.TARGETS, cfg.steps)
+        elif kind == "peft_lora":
+            from experiments import baselines
+
+            method = baselines.LoRA(model, cfg, bert.TARGETS, cfg.steps)
+            for name, p in method.model.named_parameters():
+                if ".lora_B." in name:
+                    nn.init.normal_(p, std=0.02)  # B = 0 at init; time non-zero data
+        else:
+            method = MinimalLoRA(model, cfg, bert.TARGETS)
+        self.name = STEP_NAMES[kind] + ("" if backend is None else f", compiled ({backend})")
+        self.kind, self.backend, self.method, self.t = kind, backend, method, 1
+        self.model = model = method.model.to(device).train()
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        no_decay = [p for n, p in params if n.endswith("bias") or "LayerNorm" in n]
+        decay = [p for n, p in params if not (n.endswith("bias") or "LayerNorm" in n)]
+        self.params = [p for _, p in params]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           **compiled.adamw_options(cfg, device))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda t: min(1.0, (t + 1) / 600))
+
+        def device_step(batch, labels):  # train_glue.py's, line for line
+            with autocast(device):
+                logits = train_glue.logits_of(self.model(**batch))
+            loss_task = glue.task_loss(logits, labels)
+            reg = method.regularizer()
+            loss = loss_task if reg is None else loss_task + cfg.gamma * reg
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
+            self.optimizer.step()
+            return loss_task.detach(), None if reg is None else reg.detach()
+
+        self.run = device_step if backend is None else compiled.step(device_step, model, method, self.optimizer, cfg)
+
+    def step(self, batch, labels):
+        self.run(batch, labels)
+        self.scheduler.step()
+        self.method.after_step(self.t)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.t += 1
+
+
+def profile_steps(fn, device, n):
+    """Per step, over n calls of fn under torch.profiler: host launches (kernels, graphs, copies), device events and
+    their total ms, and {kernel name: (count, us)} for the breakdown; None off CUDA."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type != "cuda":
+        return None
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        sync(device)
+    events = prof.events()
+    on_gpu = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    launches = sum(1 for e in events if e.device_type == DeviceType.CPU and e.name in LAUNCH_APIS)
+    by_name = {}
+    for e in on_gpu:
+        count, us = by_name.get(e.name, (0, 0.0))
+        by_name[e.name] = (count + 1, us + e.time_range.elapsed_us())
+    return dict(launches=launches / n, gpu_events=len(on_gpu) / n,
+                kernel_ms=sum(us for _, us in by_name.values()) / n / 1e3,
+                top={k: (c / n, us / n) for k, (c, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]})
+
+
+def kernel_class(name):
+    """A coarse class of a GPU kernel, for where the time goes."""
+    low = name.lower()
+    for cls, keys in (("matmul", ("gemm", "cutlass", "sm90_", "cublas", "xmma", "splitk")),
+                      ("attention", ("fmha", "attention", "flash")), ("AdamW", ("adam",)),
+                      ("copy", ("memcpy", "memset", "copy")), ("fused (inductor)", ("triton",)),
+                      ("reduction", ("reduce", "norm", "sum")), ):
+        if any(k in low for k in keys):
+            return cls
+    return "elementwise / other"
+
+
+def bench_step(device, cfg, args):
+    """The step setting: for each shape, eager and compiled rows of LoRA², the minimal LoRA and PEFT LoRA (and LoRA²
+    as CUDA graphs of its eager kernels), all resident, timed in interleaved rounds; then launches, GPU time and
+    host syncs per step. --budget_s: compiled rows not built once the setting has run that long (reported)."""
+    _, peft_missing = optional("peft")
+    backend = args.backend or ("inductor" if device.type == "cuda" else "aot_eager")
+    kinds = [k for k in STEP_NAMES if not (k == "peft_lora" and peft_missing)]
+    plan = [(k, None) for k in kinds] + [(k, backend) for k in kinds]
+    if device.type == "cuda" and backend != "none":
+        plan.append(("lora2", "none"))
+    warmup, rounds = (3, 3) if args.quick else (6, cfg.model_steps)
+    started, results = time.perf_counter(), []
+    for label, (config, batch_size, tokens) in step_shapes(args).items():
+        torch.manual_seed(2)
+        batch = {"input_ids": torch.randint(1, config.vocab_size, (batch_size, tokens), device=device),
+                 "attention_mask": torch.ones(batch_size, tokens, dtype=torch.long, device=device),
+                 "token_type_ids": torch.zeros(batch_size, tokens, dtype=torch.long, device=device)}
+        labels = torch.randint(0, 2, (batch_size,), device=device)
+        built, rows, skipped = [], {}, []
+        for kind, be in plan:
+            if be is not None and args.budget_s and time.perf_counter() - started > args.budget_s:
+                skipped.append(f"{STEP_NAMES[kind]} ({be}): over --budget_s")
+                continue
+            log(f"step {label}: {STEP_NAMES[kind]}, {'eager' if be is None else be}")
+            t0 = time.perf_counter()
+            try:
+                case = TrainStep(kind, config, device, be)
+                for _ in range(warmup):  # compiled: compiles, 2 eager warm-up steps, the capture
+                    case.step(batch, labels)
+                sync(device)
+            except Exception as e:  # a variant that fails is reported, the others still run
+                traceback.print_exc()
+                skipped.append(f"{STEP_NAMES[kind]} ({be or 'eager'}): {type(e).__name__}: {str(e)[:200]}")
+                free(device)
+                continue
+            rows[case.name] = dict(name=case.name, kind=kind, backend=be, warmup_s=time.perf_counter() - t0,
+                                   times=[], trainable=sum(p.numel() for p in case.params))
+            built.append(case)
+        log(f"step {label}: {rounds} interleaved rounds")
+        for _ in range(rounds):
+            for case in built:
+                rows[case.name]["times"].append(time_once(lambda: case.step(batch, labels), device))
+        count_syncs(lambda: None, device)
+        for case in built:
+            row = rows[case.name]
+            row["syncs"], row["sync_sites"] = count_syncs(lambda: case.step(batch, labels), device)
+            while case.t % 10 != 1:  # compiled: profile 10 steps, one of them masking; eager: 5, none masking
+                case.step(batch, labels)
+            n_prof = 2 if args.quick else 5 if case.backend is None else 10
+            prof = profile_steps(lambda: case.step(batch, labels), device, n_prof)
+            row.update(prof or {})
+            row["step_ms"], row["mean_ms"] = statistics.median(row["times"]), statistics.fmean(row["times"])
+            row["step_q1"], _, row["step_q3"] = statistics.quantiles(row["times"], n=4) if len(row["times"]) > 1 \
+                else (row["step_ms"],) * 3
+        results.append(dict(shape=label, batch=batch_size, tokens=tokens, layers=config.num_hidden_layers,
+                            hidden=config.hidden_size, rows=list(rows.values()), skipped=skipped))
+        print("\n" + report_step(results[-1:], device), flush=True)  # each shape as soon as it is measured
+        if args.json:
+            write_atomic(args.json + ".partial", json.dumps(results, indent=1, default=str))
+        del built, batch, labels
+        torch._dynamo.reset()
+        free(device)
+    return results
+
+
+def bench_e2e(device, cfg, args):
+    """train_glue.py end to end, one subprocess per (mode, seed): SST-2, the packaged MiniLM (--model_dir), batch 32,
+    --e2e_steps steps, progress every 100. Sustained steps/s from the progress lines after the first (each line
+    waits for the GPU: it prints the summed loss); warm-up = the time to the first line beyond 100 steps at that
+    rate (compilation, capture); the dev accuracy from metrics.json."""
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    runs = []
+    for mode in args.e2e_modes.split(","):
+        for seed in [int(x) for x in args.e2e_seeds.split(",")]:
+            out = Path(tempfile.mkdtemp(prefix=f"e2e-{mode}-s{seed}-"))
+            cmd = [sys.executable, str(root / "train_glue.py"), "--task", "sst2", "--device", device.type,
+                   "--batch_size", "32", "--steps", str(args.e2e_steps), "--seed", str(seed), "--log_every", "100",
+                   "--out_dir", str(out), "--no_download", "--compile" if mode == "compiled" else "--no-compile"]
+            cmd += (["--model", args.model_dir] if args.model_dir else []) + (
+                ["--compile_backend", args.backend] if args.backend and mode == "compiled" else [])
+            log("e2e: " + " ".join(cmd[1:]))
+            t_start, lines = time.perf_counter(), []
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            for line in proc.stdout:
+                lines.append((time.perf_counter() - t_start, line.rstrip("\n")))
+                print("    " + line.rstrip("\n"), flush=True)
+            proc.wait()
+            run = dict(mode=mode, seed=seed, returncode=proc.returncode, wall_s=time.perf_counter() - t_start,
+                       command="python " + " ".join(cmd[1:]))
+            header = next((t for t, line in lines if " steps of " in line and " on 1×" in line), None)
+            progress = [(t, int(line.split()[1].split("/")[0])) for t, line in lines if line.startswith("step ")]
+            if len(progress) >= 3 and header is not None:
+                (t1, s1), (tn, sn) = progress[0], progress[-1]
+                rate = (sn - s1) / (tn - t1)
+                run.update(steps_per_s=rate, first_line_step=s1, warmup_s=(t1 - header) - s1 / rate,
+                           loop_s=tn - header)
+            metrics = out / "metrics.json"
+            if metrics.exists():
+                m = json.loads(metrics.read_text())
+                run.update(accuracy=m["main_metric"], best_step=m["best_step"], trained_wall_s=m["wall_s"])
+            runs.append(run)
+            if args.json:
+                write_atomic(args.json + ".partial", json.dumps(runs, indent=1, default=str))
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # report
 
 
@@ -675,6 +932,61 @@ def report_merged(results, device):
     return "\n".join(out)
 
 
+def report_step(results, device):
+    out = []
+    for res in results:
+        rows = res["rows"]
+        by = {(r["kind"], r["backend"]): r for r in rows}
+        out.append(f"### Whole training step as train_glue.py runs it: {res['shape']} ({res['layers']} layers × 6 "
+                   f"matrices, hidden {res['hidden']}), {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
+                   f"fused AdamW, clip, schedule; medians of {len(rows[0]['times']) if rows else 0} interleaved rounds")
+        table = []
+        for r in rows:
+            table.append([r["name"], fmt(r["step_ms"]), f"{fmt(r['step_q1'])}–{fmt(r['step_q3'])}", fmt(r["mean_ms"]),
+                          fmt(r.get("kernel_ms")), fmt(ratio(r["step_ms"], r.get("kernel_ms")), ".2f"),
+                          fmt(r.get("launches"), ".0f"), fmt(r.get("gpu_events"), ".0f"),
+                          "–" if r.get("syncs") is None else r["syncs"], fmt(r["warmup_s"], ".1f")])
+        out.append(markdown(["variant", "wall ms / step (median)", "quartiles", "mean", "GPU kernel ms / step",
+                             "wall × kernel", "launches / step", "GPU kernels / step", "host syncs / step",
+                             "build + warm-up s"], table))
+        for line in res["skipped"]:
+            out.append(f"- not measured: {line}")
+        fast, ref = by.get(("lora2", args_backend(rows))), by.get(("reference_lora", args_backend(rows)))
+        slow, peft_eager = by.get(("lora2", None)), by.get(("peft_lora", None))
+        if fast and ref:
+            out.append(f"- LoRA² compiled / minimal LoRA compiled: {verdict(fast['step_ms'] / ref['step_ms'], 1.15)}")
+        if fast and fast.get("kernel_ms"):
+            out.append(f"- LoRA² compiled wall / its GPU kernel time: {verdict(fast['step_ms'] / fast['kernel_ms'], 1.3)}")
+        if fast and slow:
+            out.append(f"- LoRA² eager / LoRA² compiled: {verdict(slow['step_ms'] / fast['step_ms'], 5, False)}")
+        if fast and peft_eager:
+            out.append(f"- LoRA² compiled / PEFT LoRA eager: {verdict(fast['step_ms'] / peft_eager['step_ms'], 0.25)}")
+        if fast and fast.get("top"):
+            classes = {}
+            for name, (count, us) in fast["top"].items():
+                c = classes.setdefault(kernel_class(name), [0, 0.0])
+                c[0], c[1] = c[0] + count, c[1] + us
+            out.append(f"- where {fast['name']}'s GPU time goes (top 25 kernel names, per step): " + "; ".join(
+                f"{cls} {us / 1e3:.2f} ms in {count:.0f} kernels" for cls, (count, us)
+                in sorted(classes.items(), key=lambda kv: -kv[1][1])))
+    return "\n".join(out)
+
+
+def args_backend(rows):
+    """The main compiled backend of a step table (the first compiled row's)."""
+    return next((r["backend"] for r in rows if r["backend"] not in (None, "none")), "none")
+
+
+def report_e2e(runs):
+    table = [[r["mode"], r["seed"], fmt(r.get("steps_per_s"), ".1f"), fmt(r.get("warmup_s"), ".1f"),
+              fmt(r.get("wall_s"), ".0f"), fmt(r.get("accuracy"), ".4f"), r["returncode"]] for r in runs]
+    out = ["### train_glue.py end to end: SST-2, MiniLM, batch 32",
+           markdown(["mode", "seed", "steps/s sustained", "warm-up s (compile, capture)", "process wall s",
+                     "dev accuracy", "exit"], table)]
+    out += [f"- `{r['command']}`" for r in runs]
+    return "\n".join(out)
+
+
 def environment(device):
     env = dict(python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads())
@@ -700,13 +1012,22 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     parser.add_argument("--profile", default=None,
                         help="write torch.profiler tables of one step per model variant (and of the hook) here")
+    parser.add_argument("--backend", default=None, choices=("inductor", "aot_eager", "eager", "none"),
+                        help="step/e2e: the compiled rows' torch.compile backend (default: inductor on CUDA, "
+                             "aot_eager on the CPU; none: CUDA graphs of the eager kernels)")
+    parser.add_argument("--model_dir", default=None, help="step/e2e: the MiniLM folder (default: the packaged one)")
+    parser.add_argument("--budget_s", type=float, default=None, help="step: build no compiled row after this long")
+    parser.add_argument("--e2e_modes", default="eager,compiled", help="e2e: eager and/or compiled")
+    parser.add_argument("--e2e_seeds", default="0", help="e2e: comma-separated seeds")
+    parser.add_argument("--e2e_steps", type=int, default=1200, help="e2e: optimiser steps per run")
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
     device = torch.device(args.device)
-    only = args.only.split(",") if args.only else (list(SETTINGS) if device.type == "cuda" else ["layer", "merged"])
+    only = args.only.split(",") if args.only else (
+        ["model", "layer", "merged"] if device.type == "cuda" else ["layer", "merged"])
     unknown = sorted(set(only) - set(SETTINGS))
     if unknown:
         raise SystemExit(f"--only: unknown setting(s) {unknown}; choose from {list(SETTINGS)}")
@@ -731,6 +1052,14 @@ def main(argv=None):
     if "merged" in only:
         results["merged"] = bench_merged(device, cfg, args)
         reports.append(report_merged(results["merged"], device))
+        print("\n" + reports[-1], flush=True)
+    if "step" in only:
+        results["step"] = bench_step(device, cfg, args)
+        reports.append(report_step(results["step"], device))
+        print("\n" + reports[-1], flush=True)
+    if "e2e" in only:
+        results["e2e"] = bench_e2e(device, cfg, args)
+        reports.append(report_e2e(results["e2e"]))
         print("\n" + reports[-1], flush=True)
     results["wall_s"] = time.perf_counter() - t0
     print(f"\n(total {results['wall_s']:.0f} s)", flush=True)
