@@ -1041,26 +1041,15 @@ def main(argv=None):
     results = dict(environment=env, config=asdict(cfg), device=str(device))
     reports = []
     t0 = time.perf_counter()
-    if "model" in only:
-        results["model"] = bench_model(device, cfg, args)
-        reports.append(report_model(results["model"]))
-        print("\n" + reports[-1], flush=True)
-    if "layer" in only:
-        results["layer"] = bench_layer(device, cfg, args)
-        reports.append(report_layer(results["layer"], device))
-        print("\n" + reports[-1], flush=True)
-    if "merged" in only:
-        results["merged"] = bench_merged(device, cfg, args)
-        reports.append(report_merged(results["merged"], device))
-        print("\n" + reports[-1], flush=True)
-    if "step" in only:
-        results["step"] = bench_step(device, cfg, args)
-        reports.append(report_step(results["step"], device))
-        print("\n" + reports[-1], flush=True)
-    if "e2e" in only:
-        results["e2e"] = bench_e2e(device, cfg, args)
-        reports.append(report_e2e(results["e2e"]))
-        print("\n" + reports[-1], flush=True)
+    for name, bench, report in (("model", bench_model, report_model),
+                                ("layer", bench_layer, lambda r: report_layer(r, device)),
+                                ("merged", bench_merged, lambda r: report_merged(r, device)),
+                                ("step", bench_step, lambda r: report_step(r, device)),
+                                ("e2e", bench_e2e, report_e2e)):
+        if name in only:
+            results[name] = bench(device, cfg, args)
+            reports.append(report(results[name]))
+            print("\n" + reports[-1], flush=True)
     results["wall_s"] = time.perf_counter() - t0
     print(f"\n(total {results['wall_s']:.0f} s)", flush=True)
     if args.profile:
