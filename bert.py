@@ -6,8 +6,10 @@ exactly (`bert.embeddings.*`, `bert.encoder.layer.{i}.attention.self.query`, ...
 so adapters that target HF names (e.g. lora2.inject(model, ["query", "value"])) find the same modules here.
 
 What it does:
-- `BertForSequenceClassification`: encoder -> tanh pooler on [CLS] -> dropout -> Linear(hidden, num_labels);
-  num_labels=1 is regression (the caller picks the loss).
+- `BertForSequenceClassification`: encoder -> pooling -> dropout -> Linear(hidden, num_labels); pooling "cls" is
+  BERT's tanh pooler on [CLS] (as transformers), "mean" the mean of the last hidden states over the real tokens (as
+  sentence-transformers, which trained the default MiniLM so; the model then has no pooler, like transformers'
+  `BertModel(add_pooling_layer=False)`); num_labels=1 is regression (the caller picks the loss).
 - `from_pretrained(dir)`: loads any BERT folder (config.json, model.safetensors or pytorch_model.bin, vocab.txt) with
   strict key matching; `load_safetensors` reads the format with json + numpy.
 - `WordPieceTokenizer`: BERT's basic tokenization + greedy longest-match-first WordPiece, `[CLS] a [SEP] b [SEP]`,
@@ -218,18 +220,31 @@ def init_weights(module, std):
         nn.init.zeros_(module.bias)
 
 
+def mean_pool(h, attention_mask=None):
+    """(B, T, H) -> (B, H): the mean of h over the real tokens (attention_mask 1; all tokens if None), as
+    sentence-transformers' Pooling(mode="mean") computes it."""
+    if attention_mask is None:
+        return h.mean(1)
+    m = attention_mask.to(h.dtype).unsqueeze(-1)                                    # (B, T, 1)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+POOLINGS = ("cls", "mean")   # what BertForSequenceClassification's classifier reads
+
+
 class BertModel(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, add_pooling_layer=True):
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
-        self.pooler = BertPooler(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
         with torch.no_grad():
             self.apply(lambda m: init_weights(m, config.initializer_range))
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        """input_ids (B, T) -> (last hidden state (B, T, H), pooled [CLS] (B, H)); attention_mask 1 = real token."""
+        """input_ids (B, T) -> (last hidden state (B, T, H), pooled [CLS] (B, H) or None without a pooler);
+        attention_mask 1 = real token."""
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
@@ -237,21 +252,28 @@ class BertModel(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]   # (B, 1, 1, T)
         h = self.encoder(self.embeddings(input_ids, token_type_ids), mask)                   # (B, T, H)
-        return h, self.pooler(h)
+        return h, None if self.pooler is None else self.pooler(h)
 
 
 class BertForSequenceClassification(nn.Module):
-    def __init__(self, config, num_labels, classifier_dropout=None):
+    """pooling="cls": classifier(dropout(tanh pooler on [CLS])), transformers' head; "mean": classifier(dropout(mean
+    of the last hidden states over the real tokens)), with no pooler (its checkpoint weights are not loaded)."""
+
+    def __init__(self, config, num_labels, classifier_dropout=None, pooling="cls"):
         super().__init__()
-        self.config, self.num_labels = config, num_labels
-        self.bert = BertModel(config)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.config, self.num_labels, self.pooling = config, num_labels, pooling
+        self.bert = BertModel(config, add_pooling_layer=pooling == "cls")
         self.dropout = nn.Dropout(config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         with torch.no_grad():
             init_weights(self.classifier, config.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):    # (B, T) each -> logits (B, num_labels)
-        _, pooled = self.bert(input_ids, attention_mask, token_type_ids)        # (B, H)
+        h, pooled = self.bert(input_ids, attention_mask, token_type_ids)        # (B, T, H), (B, H) or None
+        if self.pooling == "mean":
+            pooled = mean_pool(h, attention_mask)                               # (B, H)
         return self.classifier(self.dropout(pooled))
 
 
@@ -355,13 +377,15 @@ def load_bert_weights(bert, state, source="checkpoint"):
     """Copy `state` into `bert` (a BertModel), strictly: keys may carry the "bert." prefix or not (sentence-transformers
     checkpoints have none); old "gamma"/"beta" LayerNorm names are renamed; stored buffers and pretraining heads are
     ignored; a fine-tuned classifier is dropped and a missing pooler left randomly initialised, each with a warning;
-    any other missing or unexpected key, or a wrong shape, raises ValueError naming the keys."""
+    pooler weights are skipped when `bert` has no pooler; any other missing or unexpected key, or a wrong shape, raises
+    ValueError naming the keys."""
     renamed = {}
     if any(key.startswith("classifier.") for key in state):
         warnings.warn(f"{source} has a classifier; it is discarded (the classification head starts fresh)")
     for key, value in state.items():
         key = key[len("bert."):] if key.startswith("bert.") else key
-        if key in IGNORED_KEYS or key.startswith(PRETRAINING_HEADS) or key.startswith("classifier."):
+        if (key in IGNORED_KEYS or key.startswith(PRETRAINING_HEADS) or key.startswith("classifier.")
+                or (bert.pooler is None and key.startswith("pooler."))):
             continue
         key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         renamed[key] = value
@@ -369,7 +393,7 @@ def load_bert_weights(bert, state, source="checkpoint"):
     missing = sorted(set(expected) - set(renamed))
     unexpected = sorted(set(renamed) - set(expected))
     pooler = {"pooler.dense.weight", "pooler.dense.bias"}
-    if pooler <= set(missing):
+    if bert.pooler is not None and pooler <= set(missing):
         warnings.warn(f"{source} has no pooler weights; bert.pooler.dense is randomly initialised")
         missing = [k for k in missing if k not in pooler]
     if missing or unexpected:
@@ -382,8 +406,8 @@ def load_bert_weights(bert, state, source="checkpoint"):
     bert.load_state_dict(renamed, strict=False)
 
 
-def from_pretrained(model_dir, num_labels, classifier_dropout=None):
-    """(BertForSequenceClassification with the folder's encoder + pooler weights and a fresh classifier, tokenizer)."""
+def from_pretrained(model_dir, num_labels, classifier_dropout=None, pooling="cls"):
+    """(BertForSequenceClassification with the folder's encoder (and pooler) weights, a fresh classifier; tokenizer)."""
     d = Path(model_dir)
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{d}: not a BERT checkpoint folder (no config.json); pass a folder with config.json, "
@@ -394,7 +418,7 @@ def from_pretrained(model_dir, num_labels, classifier_dropout=None):
     if len(tokenizer.vocab) > config.vocab_size:
         raise ValueError(f"{d}: vocab.txt has {len(tokenizer.vocab)} tokens, "
                          f"config.json's vocab_size is only {config.vocab_size}")
-    model = BertForSequenceClassification(config, num_labels, classifier_dropout)
+    model = BertForSequenceClassification(config, num_labels, classifier_dropout, pooling)
     load_bert_weights(model.bert, read_checkpoint(d), source=str(d))
     return model, tokenizer
 
@@ -433,17 +457,21 @@ HF_TARGETS = {"bert": TARGETS, "roberta": TARGETS, "xlm-roberta": TARGETS,
                              "output.dense")}
 
 
-def load_classifier(num_labels, model_dir=None, hf=None, classifier_dropout=None, max_len=None):
+def load_classifier(num_labels, model_dir=None, hf=None, classifier_dropout=None, max_len=None, pooling="cls"):
     """(model, tokenize(a, b, max_len) -> (ids, type ids), pad id, the names of the matrices to adapt).
 
-    From `model_dir` (a BERT folder; default: the packaged MiniLM) with this file's BERT, or, with `hf`, any
-    transformers model name or path of a type in HF_TARGETS (needs transformers; its forward returns .logits).
+    From `model_dir` (a BERT folder; default: the packaged MiniLM) with this file's BERT and its `pooling`, or, with
+    `hf`, any transformers model name or path of a type in HF_TARGETS (needs transformers; its forward returns
+    .logits; its own head pools, so only pooling="cls" is accepted there).
     max_len: the most tokens an input will have; more than the model's position embeddings is a ValueError."""
     if not hf:
         model, tokenizer = from_pretrained(Path(model_dir) if model_dir else default_model_dir(), num_labels,
-                                           classifier_dropout=classifier_dropout)
+                                           classifier_dropout=classifier_dropout, pooling=pooling)
         check_max_len(max_len, model.config.max_position_embeddings, model_dir or "the packaged MiniLM")
         return model, tokenizer.encode, tokenizer.pad_id, TARGETS
+    if pooling != "cls":
+        raise ValueError(f"--pooling {pooling} is for bert.py's BERT; a transformers model (--hf) pools with its own "
+                         f"head: use --pooling cls")
     try:
         import transformers
     except ImportError:

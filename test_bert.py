@@ -154,6 +154,25 @@ def test_padding_does_not_change_real_tokens():
     assert model(padded, mask).shape == (1, 2)
 
 
+def test_mean_pooling_is_the_masked_mean_of_the_encoder_output():
+    torch.manual_seed(0)
+    model = bert.BertForSequenceClassification(bert.tiny_config(vocab_size=50), num_labels=3, pooling="mean").eval()
+    assert model.bert.pooler is None and not any("pooler" in n for n in model.state_dict())
+    ids = torch.tensor([[2, 7, 9, 3, 0, 0], [2, 5, 6, 8, 4, 3]])                # row 0: 4 real tokens, 2 padding
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        h, pooled = model.bert(ids, mask)
+        logits = model(ids, mask)
+    assert pooled is None
+    by_hand = torch.stack([h[0, :4].sum(0) / 4, h[1].sum(0) / 6])          # (2, H): the mean over the real tokens
+    torch.testing.assert_close(bert.mean_pool(h, mask), by_hand, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits, by_hand @ model.classifier.weight.T + model.classifier.bias, atol=1e-6, rtol=0)
+    with torch.no_grad():                                                  # padding does not change the result
+        torch.testing.assert_close(model(ids[:1, :4]), logits[:1], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        bert.BertForSequenceClassification(bert.tiny_config(vocab_size=50), num_labels=2, pooling="max")
+
+
 def test_config_refuses_other_architectures(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "roberta", "hidden_size": 8}))
     with pytest.raises(ValueError, match="model_type is 'roberta'"):
@@ -237,6 +256,19 @@ def test_missing_pooler_and_pretraining_heads(tmp_path):
         model, _ = bert.from_pretrained(tmp_path / "nopool", num_labels=2)
     assert torch.equal(model.bert.encoder.layer[1].output.dense.weight, state["encoder.layer.1.output.dense.weight"])
     assert not torch.equal(model.bert.pooler.dense.weight, state["pooler.dense.weight"])
+
+
+def test_mean_pooling_loads_a_checkpoint_with_or_without_a_pooler(tmp_path, recwarn):
+    state = tiny_checkpoint(tmp_path / "ckpt")                              # has pooler weights: skipped
+    model, _ = bert.from_pretrained(tmp_path / "ckpt", num_labels=2, pooling="mean")
+    assert set(model.bert.state_dict()) == set(state) - {"pooler.dense.weight", "pooler.dense.bias"}
+    assert all(torch.equal(v, state[k]) for k, v in model.bert.state_dict().items())
+    tiny_checkpoint(tmp_path / "nopool", lambda s: [s.pop(k) for k in ("bert.pooler.dense.weight",
+                                                                           "bert.pooler.dense.bias")])
+    bert.from_pretrained(tmp_path / "nopool", num_labels=2, pooling="mean")
+    assert not [w for w in recwarn if "pooler" in str(w.message)]           # nothing to warn about without a pooler
+    with pytest.raises(ValueError, match="--pooling mean is for bert.py's BERT"):
+        bert.load_classifier(2, hf="any-transformers-model", pooling="mean")
 
 
 # -------------------------------------------------------------------------------------------------- default_model_dir

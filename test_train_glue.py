@@ -68,7 +68,8 @@ def tiny_config(tiny, tmp_path, **overrides):
     model_dir, glue = tiny
     values = dict(model=str(model_dir), data_dir=str(glue), no_download=True, out_dir=str(tmp_path / "run"),
                   train_size=None, steps=12, batch_size=8, lr=1e-2, r=4, k=4, target_rank=2, init_warmup=0.25,
-                  final_warmup=0.25, mask_interval=2, eval_every=4, log_every=4, max_len=32, device="cpu")
+                  final_warmup=0.25, mask_interval=2, eval_every=4, log_every=4, max_len=32, device="cpu",
+                  pooling="cls")
     return tg.Config(**{**values, **overrides})
 
 
@@ -161,6 +162,16 @@ def test_compiled_step_trains_like_the_eager_one(tiny, tmp_path, monkeypatch):
     torch._dynamo.reset()
 
 
+def test_mean_pooling_is_the_default_trains_the_classifier_alone_and_reloads(tiny, tmp_path):
+    cfg = tiny_config(tiny, tmp_path, pooling=None)                          # the default: mean (cls with --hf)
+    summary, model = tg.train(cfg)
+    assert summary["args"]["pooling"] == "mean" and model.bert.pooler is None
+    assert summary["head_params"] == 32 * 2 + 2                              # the classifier; there is no pooler
+    metrics = tg.evaluate_checkpoint(tg.Config(eval_only=True, load=str(tmp_path / "run" / "adapter.pt"),
+                                               data_dir=cfg.data_dir, no_download=True, device="cpu"))
+    assert metrics == summary["metrics"]  # exactly
+
+
 def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny, tmp_path):
     summary_a, model_a = tg.train(tiny_config(tiny, tmp_path / "a"))
     cfg_b = tiny_config(tiny, tmp_path / "b", save_every=3)
@@ -231,7 +242,7 @@ def test_hf_backbone_runs_the_same_loop(tiny, tmp_path):
                                      num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     transformers.BertModel(config).save_pretrained(hf_dir)
     transformers.BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(hf_dir)
-    summary, model = tg.train(tiny_config(tiny, tmp_path, model=None, hf=str(hf_dir)))
+    summary, model = tg.train(tiny_config(tiny, tmp_path, model=None, hf=str(hf_dir), pooling=None))  # cls with --hf
     assert len(lora2.lora2_modules(model)) == 12 and summary["kept_singular_values"] == 12 * 2
     assert summary["head_params"] == (32 * 32 + 32) + (32 * 2 + 2)
 

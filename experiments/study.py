@@ -286,7 +286,8 @@ def mismatches(run, m, plan, n_train=None):
     """The settings in which a finished run's metrics.json differs from the plan (empty: it is this plan's run): every
     value the preset or the run's flags set, and the steps. Without n_train, the values that depend on the training
     set's size are left out."""
-    want, args, bad = expected_config(run, plan, n_train or 0), m.get("args", {}), []
+    want, bad = expected_config(run, plan, n_train or 0), []
+    args = {"pooling": "cls", **m.get("args", {})}  # runs from before --pooling read the [CLS] pooler
     keys = (set(train_glue.paper_preset(run.task)) | set(run.flags(plan, 0))) - {"preset", "epochs", "steps"}
     if n_train is None:
         keys -= {"eval_every", "mask_interval"}
