@@ -1,7 +1,7 @@
 """Tests for experiments/study.py: the --quick plan end to end on a tiny random BERT and synthetic GLUE files (the
 paper preset's flags, skipping finished runs, the report), a failing run that does not stop the study, the time limit,
 resuming a stopped run from its checkpoint, carrying results back (pack / unpack), and the pure helpers (the plan's
-order and flags, verdicts, the fp16 copy)."""
+order and flags, verdicts, the fp16 copy, --prepare's check); experiments/sweep_quick.py's settings and report."""
 import argparse
 import dataclasses
 import json
@@ -337,3 +337,38 @@ def test_parse_speed_leaves_the_warm_up_and_earlier_attempts_out():
                "step 50/60 | loss 0.6 | R 0.0 | lr 1e-3 | b(t) 8 | 320 ex/s | ETA 1s\n"      # 1 s for 10 steps
                "step 60/60 | loss 0.6 | R 0.0 | lr 1e-3 | b(t) 8 | 160 ex/s | ETA 0s\n")     # 4 s for 20 steps
     assert study.parse_speed(resumed, 32) == (10, pytest.approx(3.0)) and study.log_step(resumed) == 60
+
+
+def test_prepare_refuses_a_folder_without_the_tasks(tiny, tmp_path):
+    model_dir, _ = tiny
+    with pytest.raises(SystemExit, match=r"no .*SST-2/dev\.tsv to carry; give --data_dir or GLUE_DIR"):
+        study.prepare(tmp_path / "carry", model_dir, tmp_path / "empty", ["sst2"])
+
+
+def test_quick_sweep_starts_from_the_defaults_and_every_setting_is_a_valid_run():
+    from experiments import sweep_quick
+    base = train_glue.parse_config(sweep_quick.BASE)
+    defaults = train_glue.Config()
+    for key in ("task", "train_size", "batch_size", "steps", "lr", "gamma", "weight_decay", "max_len"):
+        assert getattr(base, key) == getattr(defaults, key), key  # README's quick run is the sweep's base
+    assert base.pooling == "mean" and defaults.pooling is None    # None resolves to mean for the packaged MiniLM
+    for seeds, settings in sweep_quick.ROUNDS.values():
+        for name, flags in settings.items():
+            cfg = train_glue.parse_config(sweep_quick.BASE + flags)
+            changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(base, f.name)}
+            assert changed == {flag[2:] for flag in flags[::2]}, name  # exactly what the setting names (base: nothing)
+
+
+def test_quick_sweep_report_medians_and_order(tmp_path, monkeypatch):
+    from experiments import sweep_quick
+    rows = [dict(round=1, name=n, flags=f, seed=s, metric=m, wall_s=100.0 + s, device="cpu", rc=0)
+            for n, f, ms in (("a", "--lr 1", [0.80, 0.90, 0.85, 0.70]), ("b", "", [0.86, 0.86, 0.86, 0.86]))
+            for s, m in enumerate(ms)]
+    rows.append(dict(round=1, name="a", flags="--lr 1", seed=9, metric=None, wall_s=1.0, device="cpu", rc=1))
+    (tmp_path / "round1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sweep_quick.report(tmp_path, tmp_path / "Q.md")
+    table = [line for line in (tmp_path / "Q.md").read_text().splitlines() if line.startswith("| a") or
+             line.startswith("| b")]
+    assert table == ["| b | `` | 4 | 86.00 | 86.00 | 86.00 | 86.0 86.0 86.0 86.0 |",  # the higher mean first
+                     "| a | `--lr 1` | 4 | 81.25 | 82.50 | 85.00 | 80.0 90.0 85.0 70.0 |"]  # the failed run left out
+    assert "8 runs on cpu; 100–103 s a run." in (tmp_path / "Q.md").read_text()

@@ -565,6 +565,9 @@ def prepare(dest, model_dir, data_dir, tasks):
     atomic_write(dest / "model" / "prepared_from.json", json.dumps({"source": str(model_dir.resolve())}) + "\n")
     for task in tasks:
         folder = glue.TASKS[task].dir
+        if not (data_dir / folder / f"{glue.TASKS[task].dev[0]}.tsv").exists():
+            raise SystemExit(f"study.py: error: no {data_dir / folder}/{glue.TASKS[task].dev[0]}.tsv to carry; "
+                             f"give --data_dir or GLUE_DIR (a folder with the GLUE files)")
         (dest / "glue" / folder).mkdir(parents=True, exist_ok=True)
         for tsv in (data_dir / folder).glob("*.tsv"):
             if tsv.name in ("train.tsv",) + tuple(f"{s}.tsv" for s in glue.TASKS[task].dev):
