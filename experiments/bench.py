@@ -58,9 +58,10 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: lora2.py
+import bert  # noqa: E402
 import lora2  # noqa: E402
 
-TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+TARGETS = list(bert.TARGETS)  # a list, as PEFT wants it
 SETTINGS = ("model", "layer", "merged", "step", "e2e")
 
 
@@ -589,8 +590,6 @@ LAUNCH_APIS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuL
 def step_shapes(args):
     """{label: (bert.BertConfig, batch, tokens)}: the packaged MiniLM (its config.json; random weights) at 32 × 64 and
     BERT-base at 32 × 128; --quick: a 2-layer, 32-wide BERT at 4 × 16."""
-    import bert
-
     if args.quick:
         return {"tiny 4×16": (bert.tiny_config(vocab_size=1000), 4, 16)}
     minilm = bert.BertConfig.from_json(Path(args.model_dir or bert.default_model_dir()) / "config.json")
@@ -625,7 +624,6 @@ class TrainStep:
     no torch.compile, and on CUDA the step replayed from a CUDA graph), exactly as train_glue.py --compile."""
 
     def __init__(self, kind, config, device, backend=None):
-        import bert
         import compiled
         import glue
         import train_glue
