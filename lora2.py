@@ -242,7 +242,7 @@ class LoRA2Linear(nn.Module):
         return int(torch.count_nonzero(self.lambda_))
 
     def extra_repr(self):
-        """Shapes, r, k, s, and whether the layer is merged, for print(model)."""
+        """Shapes, r, k, s, and whether the layer is merged, shown when a model is printed (repr)."""
         merged = ", merged" if self.merged else ""
         return f"d_in={self.in_features}, d_out={self.out_features}, r={self.r}, k={self.k}, s={self.scaling:g}{merged}"
 
