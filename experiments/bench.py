@@ -35,6 +35,7 @@ what was allocated before the variant was built. On the CPU only time is reporte
     python experiments/bench.py --quick       # smoke run with tiny shapes
     python experiments/bench.py --only model --fused --json out/bench.json --profile out/profile.txt
     python experiments/bench.py --only step,e2e --json out/step.json     # issue 11: eager vs compiled
+    python experiments/bench.py --only step --shapes bert-base --json out/step-base.json  # one shape
     python experiments/bench.py --only step --quick --device cpu         # smoke run of the step setting
 """
 import argparse
@@ -592,8 +593,13 @@ def step_shapes(args):
     BERT-base at 32 × 128; --quick: a 2-layer, 32-wide BERT at 4 × 16."""
     if args.quick:
         return {"tiny 4×16": (bert.tiny_config(vocab_size=1000), 4, 16)}
-    minilm = bert.BertConfig.from_json(Path(args.model_dir or bert.default_model_dir()) / "config.json")
-    return {"MiniLM 32×64": (minilm, 32, 64), "BERT-base 32×128": (bert.BertConfig(), 32, 128)}
+    shapes = {}
+    if "minilm" in args.shapes.split(","):
+        minilm = bert.BertConfig.from_json(Path(args.model_dir or bert.default_model_dir()) / "config.json")
+        shapes["MiniLM 32×64"] = (minilm, 32, 64)
+    if "bert-base" in args.shapes.split(","):
+        shapes["BERT-base 32×128"] = (bert.BertConfig(), 32, 128)
+    return shapes
 
 
 class MinimalLoRA:
@@ -1016,6 +1022,7 @@ def main(argv=None):
                              "aot_eager on the CPU; none: CUDA graphs of the eager kernels)")
     parser.add_argument("--model_dir", default=None, help="step/e2e: the MiniLM folder (default: the packaged one)")
     parser.add_argument("--budget_s", type=float, default=None, help="step: build no compiled row after this long")
+    parser.add_argument("--shapes", default="minilm,bert-base", help="step: minilm and/or bert-base")
     parser.add_argument("--e2e_modes", default="eager,compiled", help="e2e: eager and/or compiled")
     parser.add_argument("--e2e_seeds", default="0", help="e2e: comma-separated seeds")
     parser.add_argument("--e2e_steps", type=int, default=1200, help="e2e: optimiser steps per run")
@@ -1027,6 +1034,8 @@ def main(argv=None):
     device = torch.device(args.device)
     only = args.only.split(",") if args.only else (
         ["model", "layer", "merged"] if device.type == "cuda" else ["layer", "merged"])
+    if set(args.shapes.split(",")) - {"minilm", "bert-base"}:
+        raise SystemExit(f"--shapes: {args.shapes!r}; choose from minilm, bert-base")
     unknown = sorted(set(only) - set(SETTINGS))
     if unknown:
         raise SystemExit(f"--only: unknown setting(s) {unknown}; choose from {list(SETTINGS)}")
