@@ -356,7 +356,7 @@ def test_quick_sweep_starts_from_the_defaults_and_every_setting_is_a_valid_run()
         for name, flags in settings.items():
             cfg = train_glue.parse_config(sweep_quick.BASE + flags)
             changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(base, f.name)}
-            assert changed == {flag[2:] for flag in flags[::2]}, name  # exactly what the setting names (base: nothing)
+            assert changed == {flag[2:] for flag in flags[::2]}, name  # what the setting names (base: nothing)
 
 
 def test_quick_sweep_report_medians_and_order(tmp_path, monkeypatch):
@@ -369,6 +369,6 @@ def test_quick_sweep_report_medians_and_order(tmp_path, monkeypatch):
     sweep_quick.report(tmp_path, tmp_path / "Q.md")
     table = [line for line in (tmp_path / "Q.md").read_text().splitlines() if line.startswith("| a") or
              line.startswith("| b")]
-    assert table == ["| b | `` | 4 | 86.00 | 86.00 | 86.00 | 86.0 86.0 86.0 86.0 |",  # the higher mean first
-                     "| a | `--lr 1` | 4 | 81.25 | 82.50 | 85.00 | 80.0 90.0 85.0 70.0 |"]  # the failed run left out
+    assert table == ["| b | `` | 4 | 86.00 | 86.00 | 86.00 | 0.00 | 86.0 86.0 86.0 86.0 |",  # the higher mean first
+                     "| a | `--lr 1` | 4 | 81.25 | 82.50 | 85.00 | 20.00 | 80.0 90.0 85.0 70.0 |"]  # failed: left out
     assert "8 runs on cpu; 100–103 s a run." in (tmp_path / "Q.md").read_text()
