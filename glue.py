@@ -7,6 +7,7 @@ Not here: the test sets (GLUE scores them on its server), tokenisation (bert.py)
 """
 import csv
 import functools
+import lzma
 import math
 import os
 import shutil
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 # tasks and readers
 
 GLUE_BASE_URL = "https://dl.fbaipublicfiles.com/glue/data"  # the GLUE download script's archives; env GLUE_BASE_URL
+SHIPPED = Path(__file__).resolve().parent / "data"  # tasks that ship with the repository, as .tsv.xz (data/README.md)
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def read_tsv(path, task):
     try:
         examples = _read_rows(path, task)
     except UnicodeDecodeError:
-        with open(path, "rb") as f:  # the decoder reads ahead: find the line in the raw bytes
+        with _open(path, "rb") as f:  # the decoder reads ahead: find the line in the raw bytes
             number, line = next((i, line) for i, line in enumerate(f, 1) if not _is_utf8(line))
         raise ValueError(f"{path}:{number}: not UTF-8 text ({line.rstrip()[:60]!r}); GLUE files are UTF-8: "
                          f"re-download or re-encode it (iconv -t utf-8)") from None
@@ -88,9 +90,14 @@ def _is_utf8(raw):
         return False
 
 
+def _open(path, mode="rt", **kwargs):
+    """open(), or lzma.open() for a .xz file (the shipped data)."""
+    return (lzma.open if str(path).endswith(".xz") else open)(path, mode, **kwargs)
+
+
 def _read_rows(path, task):
     examples = []
-    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: MRPC files start with a byte-order mark
+    with _open(path, encoding="utf-8-sig", newline="") as f:  # -sig: MRPC files start with a byte-order mark
         rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         if task.ncols is None:
             header = next(rows, None)
@@ -128,7 +135,9 @@ def _read_rows(path, task):
 
 
 def fetch_task(data_dir, name):
-    """Download and unzip a GLUE task into data_dir/<Task> (atomically: unzip aside, then rename), saying so."""
+    """Download and unzip a GLUE task into data_dir/<Task>, saying so. The archive is fetched and unpacked in a
+    temporary folder of the system's; data_dir is created, and the task moved into it, only once that worked, so a
+    failed fetch leaves nothing behind."""
     task, data_dir = TASKS[name], Path(data_dir)
     dev_path = data_dir / task.dir / f"{task.dev[0]}.tsv"
     if task.archive is None:
@@ -136,10 +145,11 @@ def fetch_task(data_dir, name):
             f"{dev_path} not found, and MRPC is not in the GLUE archives (licence). Run the GLUE download script "
             f"(github.com/nyu-mll/GLUE-baselines, download_glue_data.py --tasks MRPC) and put MRPC/train.tsv and "
             f"MRPC/dev.tsv into {data_dir}, or point --data_dir / GLUE_DIR at a folder that has them")
+    if (data_dir / task.dir).exists():
+        raise FileNotFoundError(f"{data_dir / task.dir} exists but has no {dev_path.name}; remove it or complete it")
     url = f"{os.environ.get('GLUE_BASE_URL', GLUE_BASE_URL).rstrip('/')}/{task.archive}"
-    data_dir.mkdir(parents=True, exist_ok=True)
     print(f"{dev_path} not found: fetching {url} into {data_dir / task.dir}", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=data_dir, prefix=".fetch-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="glue-fetch-") as tmp:
         archive = Path(tmp) / task.archive
         try:
             with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as f:
@@ -154,11 +164,10 @@ def fetch_task(data_dir, name):
         found = sorted((Path(tmp) / "unzipped").rglob(f"{task.dev[0]}.tsv"))
         if not found:
             raise FileNotFoundError(f"{url} unpacked without a {task.dev[0]}.tsv; expected the GLUE {task.dir} layout")
-        if (data_dir / task.dir).exists():
-            raise FileNotFoundError(f"{data_dir / task.dir} exists but has no {dev_path.name}; remove it or complete it")
-        os.replace(found[0].parent, data_dir / task.dir)
-    print(f"fetched GLUE {task.dir} ({archive.stat().st_size if archive.exists() else 0} bytes) into {data_dir}",
-          file=sys.stderr)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(found[0].parent), str(data_dir / task.dir))
+        size = archive.stat().st_size
+    print(f"fetched GLUE {task.dir} ({size:,} bytes) into {data_dir}", file=sys.stderr)
 
 
 def subset(examples, n, seed=0):
@@ -183,34 +192,56 @@ def data_dir_of(data_dir):
     return Path(data_dir or os.environ.get("GLUE_DIR") or "glue_data")
 
 
-def load_task(name, data_dir=None, dev_split=None, fetch=True):
-    """(train examples, {dev split: examples}, non_standard) for task `name`, fetching it if `fetch` allows."""
+@dataclass
+class Data:
+    train: list                 # [(text_a, text_b or None, label)]
+    dev: dict                   # {dev split: examples}
+    non_standard: bool          # train and eval are a split of dev.tsv (--dev_split)
+    source: Path                # the folder the files were read from
+
+
+def task_files(name, data_dir=None, fetch=True):
+    """(the folder holding task `name`'s files, their suffix): the GLUE folder (--data_dir, $GLUE_DIR or
+    ./glue_data) if it has the task; else the copy shipped in data/ (SST-2); else the folder after fetching the task
+    into it, if `fetch` allows."""
     task, root = TASKS[name], data_dir_of(data_dir)
     folder = root / task.dir
-    if not all((folder / f"{split}.tsv").exists() for split in task.dev):
-        if not fetch:
-            raise FileNotFoundError(
-                f"GLUE {task.dir} not found: looked for {folder / (task.dev[0] + '.tsv')}. Drop --no_download to fetch "
-                f"it, or put the GLUE files there ({task.dir}/train.tsv, {task.dir}/{task.dev[0]}.tsv as written by the "
-                f"GLUE download script), or point --data_dir / GLUE_DIR at a folder that has them")
-        fetch_task(root, name)
-    dev = {split: read_tsv(folder / f"{split}.tsv", task) for split in task.dev}
+    if all((folder / f"{split}.tsv").exists() for split in task.dev):
+        return folder, ".tsv"
+    shipped = SHIPPED / task.dir
+    if all((shipped / f"{split}.tsv.xz").exists() for split in ("train", *task.dev)):
+        return shipped, ".tsv.xz"
+    if not fetch:
+        raise FileNotFoundError(
+            f"GLUE {task.dir} not found: looked for {folder / (task.dev[0] + '.tsv')}. Drop --no_download to fetch "
+            f"it, or put the GLUE files there ({task.dir}/train.tsv, {task.dir}/{task.dev[0]}.tsv as written by the "
+            f"GLUE download script), or point --data_dir / GLUE_DIR at a folder that has them")
+    fetch_task(root, name)
+    return folder, ".tsv"
+
+
+def load_task(name, data_dir=None, dev_split=None, fetch=True):
+    """Data(train examples, {dev split: examples}, non_standard, source folder) for task `name` (task_files)."""
+    task = TASKS[name]
+    folder, suffix = task_files(name, data_dir, fetch)
+    dev = {split: read_tsv(folder / f"{split}{suffix}", task) for split in task.dev}
     if dev_split is not None:
         if len(task.dev) > 1:
             raise ValueError(f"--dev_split is for tasks with one dev file, {task.dir} has {task.dev}")
         train, dev[task.dev[0]] = split_dev(dev[task.dev[0]], dev_split)
-        return train, dev, True
-    if not (folder / "train.tsv").exists():
+        return Data(train, dev, True, folder)
+    if not (folder / f"train{suffix}").exists():
         raise FileNotFoundError(f"{folder / 'train.tsv'} not found (this copy of {task.dir} has only dev data): pass "
                                 f"--dev_split 0.5 to split {task.dev[0]}.tsv into train and eval halves (non-standard), "
                                 f"or put the full task there")
-    return read_tsv(folder / "train.tsv", task), dev, False
+    return Data(read_tsv(folder / f"train{suffix}", task), dev, False, folder)
 
 
 def load(name, data_dir=None, dev_split=None, train_size=None, eval_size=None, fetch=False):
     """load_task, then the fixed random subsets of --train_size and --eval_size (seed 0)."""
-    train, dev, non_standard = load_task(name, data_dir, dev_split, fetch)
-    return subset(train, train_size), {split: subset(ex, eval_size) for split, ex in dev.items()}, non_standard
+    data = load_task(name, data_dir, dev_split, fetch)
+    return Data(subset(data.train, train_size), {split: subset(ex, eval_size) for split, ex in data.dev.items()},
+                data.non_standard, data.source)
 
 
 def encode(tokenize, examples, max_len):

@@ -1,55 +1,53 @@
 """LoRA²: multi-scale low-rank adaptation, in one file, with torch alone.
 
-Reference: Jia-Chen Zhang, Yu-Jie Xiong, He-Xi Qiu, Dong-Hai Zhu, Chun-Ming Xia, "LoRA²: Multi-Scale Low-Rank
-Approximations for Fine-Tuning Large Language Models", arXiv 2408.06854 (2024); Neurocomputing 650 (2025) 130859.
-It extends AdaLoRA (Zhang et al., ICLR 2023, arXiv 2303.10512), whose equations are cited as "AdaLoRA eq. (n)".
-Equation labels (L1)...(L8) and the tags [paper] / [code] / [ours] refer to SPEC.md (beside this file), which this
-file follows section by section: the layer (§1), regularisers (§2), importance score (§3), budget and masking (§4),
-export (§6).
+Reference: Jia-Chen Zhang, Yu-Jie Xiong, He-Xi Qiu, Dong-Hai Zhu, Chun-Ming Xia, "LoRA²: Multi-Scale
+Low-Rank Approximations for Fine-Tuning Large Language Models", arXiv 2408.06854 (2024);
+Neurocomputing 650 (2025) 130859. It extends AdaLoRA (Zhang et al., ICLR 2023, arXiv 2303.10512),
+cited as "AdaLoRA eq. (n)". Labels (L1)...(L8) and the tags [paper] / [code] / [ours] refer to
+SPEC.md beside this file, which this file follows section by section: the layer (§1), regularisers
+(§2), importance score (§3), budget and masking (§4), export (§6).
 
 The update of a frozen weight W₀ (d_out × d_in), with s = α / r:
 
-    W = W₀ + s · ΔW,   ΔW = P · diag(λ) · Q,   P = P_outer · P_inner,   Q = Q_inner · Q_outer         (L1)
+    W = W₀ + s · ΔW,   ΔW = P · diag(λ) · Q,   P = P_outer · P_inner,   Q = Q_inner · Q_outer   (L1)
 
-Two small LoRAs (P_outer·P_inner and Q_inner·Q_outer) whose product is a large one; AdaLoRA's SVD form P Λ Q in the middle.
+Two small LoRAs (P_outer·P_inner and Q_inner·Q_outer) whose product is a large one; AdaLoRA's SVD
+form P Λ Q in the middle.
 
-    factor    shape         init                       authors' name    role
-    Q_outer   k × d_in      orthogonal or N(0, 0.02²)  lora_A           input plane (k-dim subspace of the input)
-    Q_inner   r × k         orthogonal or N(0, 0.02²)  lora_B           right inner factor
-    lambda_   r             0                          lora_E           the r "singular values", pruned
-    P_inner   k × r         orthogonal or N(0, 0.02²)  lora_aa          left inner factor
-    P_outer   d_out × k     orthogonal or N(0, 0.02²)  lora_bb          output plane (k-dim subspace of the output)
+    factor    shape       init                       authors'   role
+    Q_outer   k × d_in    orthogonal or N(0, 0.02²)  lora_A     input plane, a k-dim subspace of the input
+    Q_inner   r × k       orthogonal or N(0, 0.02²)  lora_B     right inner factor
+    lambda_   r           0                          lora_E     the r "singular values", pruned
+    P_inner   k × r       orthogonal or N(0, 0.02²)  lora_aa    left inner factor
+    P_outer   d_out × k   orthogonal or N(0, 0.02²)  lora_bb    output plane, k-dim, of the output
 
-r is the number of singular values (the budget that pruning shrinks), k the inner width. rank(ΔW) ≤ min(k, #λ≠0).
-The forward never builds the d_out × d_in matrix ΔW: with M = P_inner·diag(λ)·Q_inner (k × k) it computes
-x ↦ (s·P_outer·M)(Q_outer x), so a step costs what a plain LoRA of rank k costs (SPEC §1, "grouping").
+r is the number of singular values (the budget that pruning shrinks), k the inner width; rank(ΔW) ≤
+min(k, #λ≠0). The forward never builds the d_out × d_in matrix ΔW: with M = P_inner·diag(λ)·Q_inner
+(k × k) it computes x ↦ (s·P_outer·M)(Q_outer x), so a step costs what a plain LoRA of rank k costs
+(SPEC §1, "grouping").
 
 Typical use (the step order of SPEC §4):
 
-    names = inject(model, ["query", "value"], r=8, k=8)          # trains the adapters and the HEAD modules only
-    pruner = Pruner(model, target_rank=2, total_steps=T, init_warmup=t_i, final_warmup=t_f, mask_interval=10)
+    names = inject(model, ["query", "value"], r=8, k=8)  # trains the adapters and HEAD modules only
+    pruner = Pruner(model, target_rank=2, total_steps=T, init_warmup=t_i, final_warmup=t_f,
+                    mask_interval=10)
     for step in range(T):
-        loss = task_loss(model, batch) + 0.1 * orthogonal_regularizer(model)    # task + γ·R (L3), the paper's γ
+        loss = task_loss(model, batch) + 0.1 * orthogonal_regularizer(model)  # task + γ·R (L3)
         loss.backward(); clip_grad_norm_(...); optimizer.step(); scheduler.step()
-        pruner.step(step)                                                       # (L5)–(L8), reads this step's .grad
+        pruner.step(step)                                  # (L5)–(L8): reads this step's .grad
         optimizer.zero_grad()
     pruner.close()
-    save_peft(model, "adapter")                                   # a plain PEFT LoRA of rank min(k, r') per layer
+    state_dict, config = peft_state_dict(model)  # a plain PEFT LoRA of rank min(k, r') (SPEC §6)
 
-The file also holds the project's file helpers, `atomic_write` and `write_safetensors` (torch and stdlib only).
-
-Not supported: layers other than nn.Linear and GPT-2's Conv1D (no nn.Conv2d, nn.Embedding, fused QKV splitting);
-shrinking the stored tensors when λ is pruned (use `to_lora` for that); quantised base weights; changing s as the
-rank falls (AdaLoRA keeps s = α / r fixed, and so do we); merging a base weight that is tied to another parameter
-(merge refuses); training through merged layers (the forward refuses); torch older than 2.5 (the public state-dict
-hooks).
+Not supported: layers other than nn.Linear and GPT-2's Conv1D (no nn.Conv2d, nn.Embedding, fused QKV
+splitting); shrinking the stored tensors when λ is pruned (use `to_lora` for that); quantised base
+weights; changing s as the rank falls (AdaLoRA keeps s = α / r fixed, and so do we); merging a base
+weight that is tied to another parameter (merge refuses); training through merged layers (the
+forward refuses); writing files (the repository's formats.py writes the PEFT adapter folder); torch
+older than 2.5 (the public state-dict hooks).
 """
-import contextlib
-import json
 import math
-import os
 import re
-import struct
 import warnings
 
 import torch
@@ -58,57 +56,38 @@ from torch import nn
 
 INITS = ("orthogonal", "paper")
 SCORED = ("inner", "all")
-HEAD = ("classifier", "pooler")  # module-name parts of a classification head: trained along with the adapters
+HEAD = ("classifier", "pooler")  # name parts of a classification head, trained with the adapters
+FACTORS = ("P_outer", "P_inner", "Q_inner", "Q_outer")  # what the regulariser (L3) keeps orthogonal
 
 
-def _is_conv1d(module):
-    """GPT-2's Conv1D: a linear layer whose weight is stored transposed, (d_in, d_out) [ours: no copy is made]."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
-
-
-def _is_linear(module):
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
-def _is_int(value):
-    """An int that is not a bool (True would otherwise pass as 1)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # §1  The layer (L1, L2)
 
 
 class LoRA2Linear(nn.Module):
     """A frozen linear layer plus the LoRA² update s · P_outer P_inner diag(λ) Q_inner Q_outer (L1).
 
-    The adapter is kept in fp32 whatever the base's dtype; the output has the base's dtype. Under torch.autocast
-    the adapter's matrix products run in the autocast dtype like every other F.linear.
+    The adapter is kept in fp32 whatever the base's dtype; the output has the base's dtype. Under
+    torch.autocast the adapter's products run in the autocast dtype like every other F.linear.
 
-    Merging (SPEC §1). merge() adds s·ΔW to W₀ and keeps the two small factors of what it added, B = s·P_outer·M
-    (d_out × k) and A = Q_outer (k × d_in); unmerge() multiplies the same B and A again and subtracts that. So unmerge()
-    removes exactly what merge() added even when λ or a factor changed in between (a Pruner step, a manual edit), for
-    the memory of one rank-k LoRA rather than a d_out × d_in copy of W₀; W₀ comes back up to the rounding of
-    (W₀ + δ) − δ in the base's dtype. While merged, the layer computes with the adapter as it was at merge(); later
-    changes of the factors take effect at unmerge(). A merged layer refuses what would silently go wrong:
-    - a forward in training mode, with autograd on and a trainable adapter, raises: the adapter is off the autograd
-      path of a merged layer, so training would update nothing. It raises rather than warns because a warning scrolls
-      by in a long log while the whole run is lost; eval-mode and no_grad forwards are untouched.
-    - state_dict() holds W₀ (the merged weight minus the kept δ), never W₀ + s·ΔW: a state_dict of a merged model
-      loads into an unmerged one without counting ΔW twice.
-    - load_state_dict() with any entry of this layer raises: unmerge() first. Loading would replace the weight and the
-      factors under a kept δ that belongs to neither, and refusing is clearer than unmerging behind the caller's back.
-    - merge() raises when the base weight is shared with another parameter (tied embeddings, `tied_to`): adding
-      s·ΔW to a shared tensor would change the other module too (GPT-2's wte when lm_head is merged).
-
-    `name` and `tied_to` (the other parameter names of the base weight) are recorded by inject and merge(model) from
-    the whole model, so that errors can name both modules.
+    Merging (SPEC §1): merge() adds s·ΔW to W₀ and keeps what it added as two small factors,
+    B = s·P_outer·M (d_out × k) and A = Q_outer (k × d_in); unmerge() subtracts B @ A, so it removes
+    exactly what merge() added even if λ or a factor changed in between (W₀ comes back up to the
+    rounding of (W₀ + δ) − δ). While merged, the layer refuses what would silently go wrong:
+    - a training forward with autograd on raises: the adapter is off the autograd path, so training
+      would update nothing (eval-mode and no_grad forwards are untouched);
+    - state_dict() holds W₀, never W₀ + s·ΔW, so it loads into an unmerged model without counting ΔW
+      twice; load_state_dict() with an entry of this layer raises (unmerge() first);
+    - merge() raises when the base weight is shared with another parameter (tied embeddings: GPT-2's
+      wte when lm_head is merged). `name` and `tied_to` (the base weight's other parameter names)
+      are recorded by inject and merge(model), so that errors name both modules.
     """
 
     def __init__(self, base, r=8, k=8, alpha=16, dropout=0.0, init="orthogonal"):
         super().__init__()
         if not _is_linear(base):
-            raise TypeError(f"LoRA2Linear wraps nn.Linear or GPT-2's Conv1D, got {type(base).__name__}")
+            raise TypeError(f"LoRA2Linear wraps nn.Linear or GPT-2's Conv1D, got "
+                            f"{type(base).__name__}")
         if not (_is_int(r) and r >= 1 and _is_int(k) and k >= 1):
             raise ValueError(f"r and k must be integers >= 1, got r={r!r}, k={k!r}")
         if not alpha > 0:
@@ -120,7 +99,7 @@ class LoRA2Linear(nn.Module):
         self.base = base.requires_grad_(False)
         self.fan_in_fan_out = _is_conv1d(base)  # Conv1D: weight is (d_in, d_out)
         w = base.weight
-        self.out_features, self.in_features = (w.shape[1], w.shape[0]) if self.fan_in_fan_out else w.shape
+        self.out_features, self.in_features = w.shape[::-1] if self.fan_in_fan_out else w.shape
         self.r, self.k, self.alpha = r, k, alpha
         self.scaling = alpha / r  # s, fixed by the initial r (SPEC §1)
         kw = dict(device=w.device, dtype=torch.float32)
@@ -129,7 +108,7 @@ class LoRA2Linear(nn.Module):
         self.lambda_ = nn.Parameter(torch.zeros(r, **kw))  # (r,)                            lora_E
         self.P_inner = nn.Parameter(torch.empty(k, r, **kw))  # (k, r)                       lora_aa
         self.P_outer = nn.Parameter(torch.empty(self.out_features, k, **kw))  # (d_out, k)   lora_bb
-        self.register_buffer("lambda_mask", torch.ones(r, dtype=torch.bool, device=w.device))  # kept by the pruner
+        self.register_buffer("lambda_mask", torch.ones(r, dtype=torch.bool, device=w.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.name, self.tied_to = None, ()  # set by inject / merge(model)
         self._merged_delta = None  # (B, A) with s·ΔW = B @ A as added by merge(), or None
@@ -139,12 +118,9 @@ class LoRA2Linear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, init="orthogonal"):
-        """(L1) initialisation: λ = 0, so ΔW = 0, and at step 0 the task loss gives a gradient to λ only (the four
-        factors' task gradients are multiplied by λ = 0); the regulariser (L3) still pulls on the four factors.
-
-        init="paper": the four factors ~ N(0, 0.02²) [code]. init="orthogonal": nn.init.orthogonal_ on each factor,
-        the state the regulariser (L3) aims for; it trains faster in short runs [ours, measured in SPEC §1].
-        """
+        """(L1) λ = 0 at init, so ΔW = 0: at step 0 the task loss gives a gradient to λ only, and the
+        regulariser (L3) still pulls on the four factors. init="paper": N(0, 0.02²) factors [code];
+        "orthogonal": nn.init.orthogonal_ on each, the state (L3) aims for, faster in short runs."""
         for factor in (self.Q_outer, self.Q_inner, self.P_inner, self.P_outer):
             if init == "paper":
                 nn.init.normal_(factor, std=0.02)
@@ -154,27 +130,28 @@ class LoRA2Linear(nn.Module):
         self.lambda_mask.fill_(True)
 
     def inner(self):
-        """M = P_inner · diag(λ) · Q_inner, shape (k, k): the middle of ΔW = P_outer · M · Q_outer."""
+        """M = P_inner · diag(λ) · Q_inner (k × k): ΔW = P_outer · M · Q_outer (L1)."""
         return (self.P_inner * self.lambda_) @ self.Q_inner  # (k, r) ⊙ (r,) @ (r, k) -> (k, k)
 
     def forward(self, x):  # x: (..., d_in)
-        """(L2) h = W₀x + b + s · P_outer (P_inner (λ ⊙ (Q_inner (Q_outer x)))), evaluated as a rank-k chain."""
+        """(L2) h = W₀x + b + s · P_outer (P_inner (λ ⊙ (Q_inner (Q_outer x)))), a rank-k chain."""
         if self.merged:
             if self.training and torch.is_grad_enabled() and self.lambda_.requires_grad:
-                raise RuntimeError(f"LoRA2Linear {self._label()} is merged: a training forward would train nothing "
-                                   f"(the adapter is off the autograd path). Call lora2.unmerge(model) before "
-                                   f"training, or run merged layers under model.eval() or torch.no_grad().")
+                raise RuntimeError(f"LoRA2Linear {self._label()} is merged: a training forward "
+                                   f"would train nothing (the adapter is off the autograd path). "
+                                   f"Call lora2.unmerge(model) before training, or run merged "
+                                   f"layers under model.eval() or torch.no_grad().")
             return self.base(x)  # W₀ + s·ΔW is in the weight
         y = self.base(x)  # (..., d_out), the base's dtype
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.Q_outer.dtype)  # adapter arithmetic in fp32 outside autocast
-        B = self.scaling * (self.P_outer @ self.inner())  # (d_out, k) = s · P_outer · M, O(d_out k²)
+        B = self.scaling * (self.P_outer @ self.inner())  # (d_out, k) = s·P_outer·M: O(d_out k²)
         h = F.linear(self.dropout(x), self.Q_outer)  # (..., k) = Q_outer x
         return y + F.linear(h, B).to(y.dtype)  # (..., d_out) += s · P_outer M Q_outer x
 
     @torch.no_grad()
     def delta_weight(self):
-        """s · ΔW = s · P_outer · M · Q_outer (L1), shape (d_out, d_in), fp32. Built only for merge and tests."""
+        """s · ΔW = s · P_outer · M · Q_outer (L1), (d_out, d_in), fp32: for inspection and tests."""
         return self.scaling * (self.P_outer @ self.inner() @ self.Q_outer)
 
     @property
@@ -182,59 +159,58 @@ class LoRA2Linear(nn.Module):
         """True between merge() and unmerge()."""
         return self._merged_delta is not None
 
-    def _label(self, name=None):
-        return repr(self.name or name) if self.name or name else "(unnamed)"
-
-    @torch.no_grad()
-    def _weight_with_merged_delta(self, sign):
-        """W + sign · B @ A in fp32, cast to the base's dtype, with (B, A) the factors merge() kept."""
-        w = self.base.weight
-        B, A = (t.to(w.device) for t in self._merged_delta)
-        delta = B @ A  # (d_out, d_in) = s · P_outer · M · Q_outer as it was at merge()
-        if self.fan_in_fan_out:
-            delta = delta.T  # Conv1D stores (d_in, d_out)
-        return (w.float() + sign * delta).to(w.dtype)  # in fp32, cast back to the base's dtype
-
-    def _refuse_if_tied(self):
-        """Raise, naming both modules, if the base weight is shared with another parameter (`tied_to`)."""
-        if self.tied_to:
-            modules = ", ".join(repr(n.rpartition(".")[0]) for n in self.tied_to)
-            raise ValueError(f"merge: LoRA2Linear {self._label()} shares its weight with {modules} (tied weights): "
-                             f"merging would change that module too. Give the layer its own copy of the weight to "
-                             f"merge it, or keep it unmerged.")
-
     @torch.no_grad()
     def merge(self):
-        """W₀ ← W₀ + s·ΔW (L1) in fp32 (SPEC §1). Idempotent; independent of .train()/.eval(). Raises if the base
-        weight is shared with another parameter (`tied_to`)."""
+        """W₀ ← W₀ + s·ΔW (L1) in fp32 (SPEC §1). Idempotent; independent of .train()/.eval().
+        Raises if the base weight is shared with another parameter (`tied_to`)."""
         if self.merged:
             return
         self._refuse_if_tied()
-        B = self.scaling * (self.P_outer.float() @ self.inner().float())  # (d_out, k) = s · P_outer · M, fp32
-        A = self.Q_outer.to(torch.float32, copy=True)  # (k, d_in) = Q_outer, fp32
+        B = self.scaling * (self.P_outer.float() @ self.inner().float())  # (d_out, k) = s·P_outer·M
+        A = self.Q_outer.to(torch.float32, copy=True)  # (k, d_in) = Q_outer
         self._merged_delta = (B, A)
         self.base.weight.copy_(self._weight_with_merged_delta(+1.0))  # W₀ + s·ΔW
 
     @torch.no_grad()
     def unmerge(self):
-        """W ← W − B @ A with the (B, A) that merge() kept: exactly what merge() added, whatever changed since.
-        Idempotent."""
+        """W ← W − B @ A with the (B, A) merge() kept: exactly what merge() added. Idempotent."""
         if self.merged:
             self.base.weight.copy_(self._weight_with_merged_delta(-1.0))  # W₀
             self._merged_delta = None
 
+    @torch.no_grad()
+    def _weight_with_merged_delta(self, sign):
+        """W + sign · B @ A in fp32, cast to the base's dtype; (B, A): what merge() kept."""
+        w = self.base.weight
+        B, A = (t.to(w.device) for t in self._merged_delta)
+        delta = B @ A  # (d_out, d_in) = s · P_outer · M · Q_outer as it was at merge()
+        if self.fan_in_fan_out:
+            delta = delta.T  # Conv1D stores (d_in, d_out)
+        return (w.float() + sign * delta).to(w.dtype)
+
+    def _refuse_if_tied(self):
+        """Raise, naming both modules, if the base weight is shared (`tied_to`)."""
+        if self.tied_to:
+            modules = ", ".join(repr(n.rpartition(".")[0]) for n in self.tied_to)
+            raise ValueError(f"merge: LoRA2Linear {self._label()} shares its weight with {modules} "
+                             f"(tied weights): merging would change that module too. Give the layer "
+                             f"its own copy of the weight to merge it, or keep it unmerged.")
+
     @staticmethod
     def _state_dict_holds_W0(module, state_dict, prefix, local_metadata):
-        """state_dict() post-hook: a merged layer stores W₀ (weight − B @ A) as its base weight, never W₀ + s·ΔW."""
+        """state_dict() post-hook: a merged layer stores W₀ (weight − B @ A), never W₀ + s·ΔW."""
         if module.merged:
             state_dict[prefix + "base.weight"] = module._weight_with_merged_delta(-1.0)
 
     @staticmethod
-    def _refuse_load_while_merged(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        """load_state_dict() pre-hook: loading any entry of a merged layer raises (see the class docstring)."""
+    def _refuse_load_while_merged(module, state_dict, prefix, *args):
+        """load_state_dict() pre-hook: loading an entry of a merged layer raises."""
         if module.merged and any(key.startswith(prefix) for key in state_dict):
-            raise RuntimeError(f"load_state_dict: LoRA2Linear {module._label(prefix[:-1])} is merged; call "
-                               f"lora2.unmerge(model) before loading (and merge again after, if wanted)")
+            raise RuntimeError(f"load_state_dict: LoRA2Linear {module._label(prefix[:-1])} is "
+                               f"merged; call lora2.unmerge(model) before loading (merge again after)")
+
+    def _label(self, name=None):
+        return repr(self.name or name) if self.name or name else "(unnamed)"
 
     @property
     def rank(self):
@@ -242,53 +218,30 @@ class LoRA2Linear(nn.Module):
         return int(torch.count_nonzero(self.lambda_))
 
     def extra_repr(self):
-        """Shapes, r, k, s, and whether the layer is merged, shown when a model is printed (repr)."""
+        """Shapes, r, k, s, and whether the layer is merged, as repr(model) shows them."""
         merged = ", merged" if self.merged else ""
-        return f"d_in={self.in_features}, d_out={self.out_features}, r={self.r}, k={self.k}, s={self.scaling:g}{merged}"
+        return (f"d_in={self.in_features}, d_out={self.out_features}, r={self.r}, k={self.k}, "
+                f"s={self.scaling:g}{merged}")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Putting layers into a model
 
 
 def lora2_modules(model):
-    """{name: LoRA2Linear} for every adapted layer of `model` (every W₀ + s·ΔW of (L1)), in module order."""
+    """{name: LoRA2Linear} for every adapted layer (each W₀ + s·ΔW of (L1)), in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRA2Linear)}
 
 
-def _matches(name, target):
-    if isinstance(target, re.Pattern):
-        return target.fullmatch(name) is not None
-    return name == target or name.endswith("." + target)
-
-
-def _has_part(name, part):
-    """True if `part` ("classifier", or several parts such as "bert.pooler") is a run of whole dotted components of
-    `name`: "classifier" matches "classifier.weight" and "head.classifier.bias", not "classifier_dropout.p"."""
-    return f".{part}." in f".{name}."
-
-
-def _names(value, what, patterns=False):
-    """A non-empty string (or compiled regex, if `patterns`), or a list, tuple or set of them, as a tuple; anything
-    else raises TypeError. A single string is one name, never its characters."""
-    kinds = (str, re.Pattern) if patterns else (str,)
-    items = (value,) if isinstance(value, kinds) else value
-    if not isinstance(items, (list, tuple, set, frozenset)) or any(not isinstance(v, kinds) or v == "" for v in items):
-        kind = "a non-empty string or compiled regex" if patterns else "a non-empty string"
-        raise TypeError(f"{what} must be {kind}, or a list of them; got {value!r}")
-    return tuple(items)
-
-
 def inject(model, targets, r=8, k=8, alpha=16, dropout=0.0, trainable=HEAD, init="orthogonal"):
-    """Replace the matching linear layers of `model` by LoRA2Linear (L1, L2) in place; return their names.
+    """Replace the matching linear layers of `model` by LoRA2Linear (L1, L2), in place; return names.
 
-    targets: a string or a compiled regex, or a list of them. A string matches a module whose name equals it or ends
-    with "." + it; a regex must fullmatch the name. Only nn.Linear (and GPT-2's Conv1D) modules are replaced.
-    trainable: a string or a list of strings (default HEAD). Afterwards only the adapters and the parameters with an
-    entry of `trainable` among the dotted parts of their name require grad (count_parameters(model, head=...) counts
-    the same ones as the head); pass () to train the adapters alone.
-    Each new layer records its name and the other names of its base weight (`tied_to`), so that merging a weight
-    shared with another module (tied embeddings) can be refused.
+    targets: a string or a compiled regex, or a list of them. A string matches a module whose name
+    equals it or ends with "." + it; a regex must fullmatch the name. Only nn.Linear (and GPT-2's
+    Conv1D) are replaced. trainable: a string or a list of strings (default HEAD): afterwards only
+    the adapters and the parameters with an entry of `trainable` among the dotted parts of their
+    name require grad (count_parameters' head); () trains the adapters alone. Each new layer records
+    its name and its base weight's other names (`tied_to`), so that merging a tied weight is refused.
     """
     targets = _names(targets, "inject: targets", patterns=True)
     trainable = _names(trainable, "inject: trainable")
@@ -300,17 +253,20 @@ def inject(model, targets, r=8, k=8, alpha=16, dropout=0.0, trainable=HEAD, init
         if not any(_matches(name, t) for t in targets):
             continue
         if name in existing or name.rpartition(".")[0] in existing:
-            raise ValueError(f"inject: {name!r} is already adapted by LoRA2Linear (no double injection)")
+            raise ValueError(f"inject: {name!r} is already adapted by LoRA2Linear (no double "
+                             f"injection)")
         if _is_linear(module):
             chosen.append(name)
     if not chosen:
         layers = sorted({re.sub(r"\.\d+\.", ".{i}.", n) for n, m in model.named_modules()
                          if _is_linear(m) and n.rpartition(".")[0] not in existing})
-        raise ValueError(f"inject: no linear layer matches {list(targets)}; the model's linear layers are: {layers}")
+        raise ValueError(f"inject: no linear layer matches {list(targets)}; the model's linear "
+                         f"layers are: {layers}")
     for name in chosen:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, attr, LoRA2Linear(getattr(parent, attr), r=r, k=k, alpha=alpha, dropout=dropout, init=init))
+        base = getattr(parent, attr)
+        setattr(parent, attr, LoRA2Linear(base, r=r, k=k, alpha=alpha, dropout=dropout, init=init))
     _record_names(model)
     for pname, p in model.named_parameters():
         p.requires_grad_(any(_has_part(pname, t) for t in trainable))
@@ -320,22 +276,11 @@ def inject(model, targets, r=8, k=8, alpha=16, dropout=0.0, trainable=HEAD, init
     return chosen
 
 
-def _record_names(model):
-    """Set each LoRA2Linear's `name` and `tied_to`: the other names under which `model` holds its base weight (the
-    same Parameter object, as tied embeddings are made), e.g. ("transformer.wte.weight",) for GPT-2's lm_head."""
-    names = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(pname)
-    for name, m in lora2_modules(model).items():
-        own = f"{name}.base.weight" if name else "base.weight"
-        m.name, m.tied_to = name, tuple(n for n in names.get(id(m.base.weight), ()) if n != own)
-
-
 def count_parameters(model, head=HEAD):
-    """{"adapter", "head", "trainable", "total"}: numbers of parameters, a shared tensor counted once. A trainable
-    parameter with an entry of `head` among the dotted parts of its name counts as head (as in inject's
-    `trainable`), any other trainable one as adapter; trainable = adapter + head. Each adapted matrix adds
-    k(d_in + d_out) + 2kr + r adapter parameters (SPEC §1)."""
+    """{"adapter", "head", "trainable", "total"}: numbers of parameters, a shared tensor counted
+    once. A trainable parameter with an entry of `head` among the dotted parts of its name counts as
+    head (as in inject's `trainable`), any other trainable one as adapter; trainable = adapter +
+    head. Each adapted matrix adds k(d_in + d_out) + 2kr + r adapter parameters (SPEC §1)."""
     head = _names(head, "count_parameters: head")
     counts = dict(adapter=0, head=0, trainable=0, total=0)
     for name, p in model.named_parameters():  # each tensor once, under its first name
@@ -346,24 +291,67 @@ def count_parameters(model, head=HEAD):
     return counts
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # §2  Orthogonality regularisers (L3, L4)
 
 
-FACTORS = ("P_outer", "P_inner", "Q_inner", "Q_outer")
+def orthogonal_regularizer(model, cross=0.0, squared=False):
+    """R_int (L3) + cross · R_ext (L4), SPEC §2; add γ times this to the task loss, and keep it out
+    of forward.
+
+        R_int = (1/m) Σ_layers Σ_F ‖G(F) − I‖_F,  F ∈ {P_outer, P_inner, Q_inner, Q_outer},  m = 4n
+        R_ext = mean over the square layers of ‖Q_outer · P_outer‖_F,             n = number of layers
+
+    G(F) is the Gram matrix on F's smaller dimension; with r ≤ k, R_int = 0 gives PᵀP = I_r and QQᵀ
+    = I_r, AdaLoRA's constraint. The norm is un-squared and averaged over matrices as in AdaLoRA's
+    code, PEFT's `orth_reg_weight` and the LoRA² authors' trainer [code]: the paper's γ = 0.1 / 0.3
+    were tuned with it. squared=True (an ablation) gives the form printed as AdaLoRA eq. (4), per
+    layer Σ_F ‖G(F) − I‖²_F averaged over layers, and ‖Q_outer P_outer‖²_F averaged over square
+    layers. At the same γ it pulls much harder: 15.7× the gradient norm of the default form on a 768
+    × 768 layer with r = k = 8 and N(0, 0.02²) factors [ours]. Layers of equal shapes are stacked
+    (shape_groups), so the cost is a few kernels per shape, not per layer.
+    """
+    modules = lora2_modules(model)
+    if not modules:
+        raise ValueError("orthogonal_regularizer: the model has no LoRA2Linear layer (inject one)")
+    stacks = [{f: torch.stack([getattr(modules[n], f) for n in names]) for f in FACTORS}
+              for names in shape_groups(modules).values()]
+    return regularizer_of_stacks(stacks, cross, squared)
 
 
 def shape_groups(modules):
-    """{(d_out, d_in, r, k): [names]}: layers of equal shapes, whose factors can be stacked into one kernel call."""
+    """{(d_out, d_in, r, k): [names]}: the layers of equal shapes, whose factors stack into one
+    tensor."""
     groups = {}
     for name, m in modules.items():
         groups.setdefault((m.out_features, m.in_features, m.r, m.k), []).append(name)
     return groups
 
 
+def regularizer_of_stacks(stacks, cross=0.0, squared=False):
+    """R_int (L3) + cross · R_ext (L4) from the factors stacked per shape: [{factor: (n, ...)}]."""
+    norm = _squared_frobenius if squared else torch.linalg.matrix_norm  # ‖X‖²_F or ‖X‖_F: (n,)
+    r_int, r_ext, n_layers, n_square = 0.0, 0.0, 0, 0
+    for stacked in stacks:
+        for f in FACTORS:
+            r_int = r_int + norm(_gram_deviation(stacked[f])).sum()  # Σ_layers ‖G(F) − I‖_F   (L3)
+        n, d_out, _ = stacked["P_outer"].shape
+        n_layers += n
+        if cross and d_out == stacked["Q_outer"].shape[2]:
+            r_ext = r_ext + norm(stacked["Q_outer"] @ stacked["P_outer"]).sum()  # Σ ‖Q·P‖_F (L4)
+            n_square += n
+    m = n_layers if squared else len(FACTORS) * n_layers  # squared: per-layer sums, averaged
+    total = r_int / m  # R_int
+    if n_square:
+        total = total + cross * r_ext / n_square  # + cross · R_ext
+    return total
+
+
 def _gram_deviation(factors):
-    """G(F) − I for each F of a stack (n, a, b), G(F) the Gram matrix on F's smaller dimension (L3): (n, m, m)."""
-    gram = factors.mT @ factors if factors.shape[1] >= factors.shape[2] else factors @ factors.mT  # (n, m, m)
+    """G(F) − I for each F of a stack (n, a, b), G(F) the Gram matrix on F's smaller dimension
+    (L3)."""
+    tall = factors.shape[1] >= factors.shape[2]
+    gram = factors.mT @ factors if tall else factors @ factors.mT  # (n, m, m), m = min(a, b)
     return gram - torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
 
 
@@ -372,116 +360,178 @@ def _squared_frobenius(stack):
     return stack.pow(2).sum((-2, -1))
 
 
-def orthogonal_regularizer(model, cross=0.0, squared=False):
-    """R_int (L3) + cross · R_ext (L4), SPEC §2; add γ times this to the task loss, and keep it out of forward.
-
-        R_int = (1/m) Σ_layers Σ_F ‖G(F) − I‖_F,   F ∈ {P_outer, P_inner, Q_inner, Q_outer},   m = 4 · number of layers
-        R_ext = mean over square layers of ‖Q_outer · P_outer‖_F
-
-    G(F) is the Gram matrix on F's smaller dimension; with r ≤ k, R_int = 0 gives PᵀP = I_r and QQᵀ = I_r, AdaLoRA's
-    constraint. The norm is un-squared and averaged over matrices as in AdaLoRA's code, PEFT's `orth_reg_weight` and
-    the LoRA² authors' trainer [code]: the paper's γ = 0.1 / 0.3 were tuned with it.
-    squared=True (an ablation) gives the form printed as AdaLoRA eq. (4), per layer Σ_F ‖G(F) − I‖²_F averaged over
-    layers, and ‖Q_outer P_outer‖²_F averaged over square layers. At the same γ it pulls much harder: 15.7× the
-    gradient norm of the default form on a 768 × 768 layer with r = k = 8 and N(0, 0.02²) factors [ours, measured].
-    Layers of equal shapes are stacked, so the cost is a few kernels per shape, not per layer.
-    """
-    modules = lora2_modules(model)
-    if not modules:
-        raise ValueError("orthogonal_regularizer: the model has no LoRA2Linear layer (call inject first)")
-    norm = _squared_frobenius if squared else torch.linalg.matrix_norm  # per matrix: ‖X‖²_F or ‖X‖_F, (n,)
-    r_int, r_ext, n_square = 0.0, 0.0, 0
-    for (d_out, d_in, _, _), names in shape_groups(modules).items():
-        stacked = {f: torch.stack([getattr(modules[n], f) for n in names]) for f in FACTORS}  # f: (n, *shape)
-        for f in FACTORS:
-            r_int = r_int + norm(_gram_deviation(stacked[f])).sum()  # Σ_layers ‖G(F) − I‖_F
-        if cross and d_in == d_out:
-            r_ext = r_ext + norm(stacked["Q_outer"] @ stacked["P_outer"]).sum()  # Σ_layers ‖Q_outer P_outer‖_F
-            n_square += len(names)
-    m = len(modules) if squared else len(FACTORS) * len(modules)  # squared: a per-layer sum, averaged over layers
-    total = r_int / m  # R_int
-    if n_square:
-        total = total + cross * r_ext / n_square  # + cross · R_ext
-    return total
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# §3, §4  Importance scores (L5, L6), budget schedule and masking (L7, L8)
+# --------------------------------------------------------------------------------------------------
+# §3, §4  Importance scores (L5, L6), budget schedule (L7) and masking (L8)
 
 
 class Pruner:
     """AdaLoRA's budget allocation with LoRA²'s cheap importance score (L5)–(L8).
 
-    Each layer keeps its own Ī and Ū (AdaLoRA eqs. 11, 12) for λ, P_inner and Q_inner only: 2kr + r entries a layer
-    (SPEC §3). scored="all" also scores P_outer and Q_outer, AdaLoRA-style, which adds a per-layer constant to every
-    triplet of that layer [ours, an ablation]. The update is a plain loop over layers and factors, one line per
-    equation, in public torch ops. It costs 6 small kernels per scored factor (1,296 for 72 BERT-base matrices;
-    measured on one CPU thread: 2.3 ms a step, against 0.8 ms for an earlier version that stacked the layers and
-    used the private torch._foreach_* ops); `torch.compile(pruner.update_scores)` fuses them (0.9 ms there), so
-    compile it where kernel launches are dear. Ī and Ū are fp32 whatever the layers' dtype, and I is computed in fp32;
-    they move to a layer's device at its first update after the model moved (model.to(device), model.half(): the
-    pruner follows). The kept set lives in each layer's `lambda_mask` buffer (see `rank_pattern`), which moves with
-    the model.
+    Each layer keeps its own Ī and Ū (AdaLoRA eqs. 11, 12) for λ, P_inner and Q_inner only: 2kr + r
+    entries a layer (SPEC §3). scored="all" also scores P_outer and Q_outer, AdaLoRA-style, which
+    adds a per-layer constant to every triplet of that layer [ours, an ablation]. The update is a
+    plain loop over layers and factors, one line per equation. Ī and Ū are fp32 whatever the layers'
+    dtype; they move to a layer's device at its first update after the model moved
+    (model.to(device), model.half(): the pruner follows). The kept set lives in each layer's
+    `lambda_mask` buffer (see `rank_pattern`), which moves with the model.
 
-    Call .step(global_step) after optimizer.step() and before zero_grad() (SPEC §4), with a global_step that grows
-    from call to call. For torch.compile, `update_scores` (the per-step work) compiles without graph breaks; the
-    masking in `step` (a sort every mask_interval steps) stays eager. A forward pre-hook warns when the pruner is
-    never stepped; close() removes it.
+    Call .step(global_step) after optimizer.step() and before zero_grad() (SPEC §4), with a
+    global_step that grows from call to call. A forward pre-hook warns when the pruner is never
+    stepped; close() removes it.
     """
 
     def __init__(self, model, target_rank, total_steps, init_warmup, final_warmup, mask_interval,
                  beta1=0.85, beta2=0.85, target_total=None, scored="inner"):
         self.modules = lora2_modules(model)
-        if not self.modules:
-            raise ValueError("Pruner: the model has no LoRA2Linear layer (call inject first)")
-        ints = dict(target_rank=target_rank, total_steps=total_steps, init_warmup=init_warmup,
-                    final_warmup=final_warmup, mask_interval=mask_interval)
-        for key, value in ints.items():
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"Pruner: {key} must be an integer >= 0, got {value!r}")
-        if total_steps <= init_warmup + final_warmup:
-            raise ValueError(f"Pruner: total_steps (T={total_steps}) must exceed init_warmup + final_warmup "
-                             f"(t_i + t_f = {init_warmup} + {final_warmup} = {init_warmup + final_warmup})")
-        max_r = min(m.r for m in self.modules.values())
-        if target_rank > max_r:
-            raise ValueError(f"Pruner: target_rank={target_rank} exceeds r={max_r}, the smallest r of the layers")
-        if mask_interval < 1:
-            raise ValueError(f"Pruner: mask_interval must be >= 1, got {mask_interval}")
-        for key, beta in (("beta1", beta1), ("beta2", beta2)):
-            if not 0.0 < beta < 1.0:
-                raise ValueError(f"Pruner: {key} must be in (0, 1), got {beta!r}")
-        if scored not in SCORED:
-            raise ValueError(f"Pruner: scored must be one of {SCORED}, got {scored!r}")
-        self.b0 = sum(m.r for m in self.modules.values())  # n·r singular values at start
-        self.bT = len(self.modules) * target_rank if target_total is None else target_total
-        if not (_is_int(self.bT) and 0 <= self.bT <= self.b0):
-            raise ValueError(f"Pruner: target_total must be an integer in [0, {self.b0}] (b₀ = Σ r), got {self.bT!r}")
-        self.T, self.t_i, self.t_f, self.mask_interval = total_steps, init_warmup, final_warmup, mask_interval
-        self.beta1, self.beta2, self.scored = beta1, beta2, scored
-        self.kinds = ("lambda_", "P_inner", "Q_inner") + (("P_outer", "Q_outer") if scored == "all" else ())
-        self.Ibar = {name: self._zeros(m) for name, m in self.modules.items()}  # Ī per layer and scored factor, fp32
-        self.Ubar = {name: self._zeros(m) for name, m in self.modules.items()}  # Ū per layer and scored factor, fp32
-        self.final_fixed = False  # the final phase's pattern has been set and is re-applied every step
-        self.last_step = None
-        self._forwards = 0
+        self.T, self.t_i, self.t_f = total_steps, init_warmup, final_warmup  # (L7)
+        self.mask_interval, self.scored = mask_interval, scored
+        self.beta1, self.beta2 = beta1, beta2  # (L5)
+        self.b0, self.bT = self._check_arguments(target_rank, target_total)  # λ kept (L7)
+        outer = ("P_outer", "Q_outer") if scored == "all" else ()
+        self.kinds = ("lambda_", "P_inner", "Q_inner") + outer  # the scored factors (L5)
+        self.Ibar = {name: self._zeros(m) for name, m in self.modules.items()}  # Ī: layer, factor
+        self.Ubar = {name: self._zeros(m) for name, m in self.modules.items()}  # Ū: layer, factor
+        self.final_fixed = False  # the final pattern is set; it is re-applied every step
+        self.last_step, self._forwards = None, 0
         self._hook = model.register_forward_pre_hook(self._check_called)
 
-    def _zeros(self, m):
-        """{scored factor: fp32 zeros of its shape} for layer m: Ī or Ū before the first update."""
-        return {kind: torch.zeros(getattr(m, kind).shape, dtype=torch.float32, device=m.lambda_.device)
-                for kind in self.kinds}
+    @torch.no_grad()
+    def update_scores(self):
+        """(L5) AdaLoRA eqs. 10–12 on this step's gradients, for each scored factor w of each layer,
+        in fp32; step() calls it while t < T − t_f. A factor without a gradient is skipped."""
+        for name, m in self.modules.items():
+            for kind in self.kinds:
+                w = getattr(m, kind)
+                if w.grad is None:
+                    continue
+                if self.Ibar[name][kind].device != w.device:  # the model moved: follow it
+                    self.Ibar[name][kind] = self.Ibar[name][kind].to(w.device)
+                    self.Ubar[name][kind] = self.Ubar[name][kind].to(w.device)
+                Ibar, Ubar = self.Ibar[name][kind], self.Ubar[name][kind]
+                I = (w.float() * w.grad.float()).abs_()  # I = |w · ∂L/∂w|               (eq. 10)
+                Ibar.lerp_(I, 1 - self.beta1)  # Ī ← β₁Ī + (1−β₁)I, in place              (eq. 11)
+                Ubar.lerp_((I - Ibar).abs_(), 1 - self.beta2)  # Ū ← β₂Ū + (1−β₂)|I − Ī|  (eq. 12)
 
-    def _check_called(self, model, args):
-        """A pruner never stepped silently leaves an unpruned factorised LoRA (SPEC §4): warn once, after 100
-        training forwards. Eager forwards only: a Python counter inside a compiled graph would be guarded on, and
-        recompiled for, at every value."""
-        if torch.compiler.is_compiling():
-            return
-        if model.training and self.last_step is None:
-            self._forwards += 1
-            if self._forwards == 100:
-                warnings.warn("Pruner.step(global_step) has not been called in 100 training forwards: nothing is "
-                              "scored or pruned. Call it after optimizer.step(), before zero_grad().", stacklevel=2)
+    @torch.no_grad()
+    def triplet_scores(self):
+        """(L6) S_i = s(λ_i) + (1/k) Σ_j s(P_inner[j, i]) + (1/k) Σ_j s(Q_inner[i, j]), s = Ī · Ū
+        (AdaLoRA eq. 13): one fp32 vector of b₀ scores, the layers in model order (rank_pattern's)."""
+        device = next(iter(self.modules.values())).lambda_.device
+        scores = []
+        for name in self.modules:
+            s = {kind: self.Ibar[name][kind] * self.Ubar[name][kind] for kind in self.kinds}  # Ī·Ū
+            S = s["lambda_"] + s["P_inner"].mean(0) + s["Q_inner"].mean(1)  # (r,) s(λ_i) + means
+            if self.scored == "all":  # outer factors: shared by a layer's r triplets, a constant
+                S = S + s["P_outer"].mean() + s["Q_outer"].mean()
+            scores.append(S.to(device))
+        return torch.cat(scores)
+
+    def budget(self, t):
+        """b(t), the number of λ kept after step t (L7; AdaLoRA eq. 14 as AdaLoRA's and the authors'
+        code compute it, with (t − t_i) where the printed equation has a typo)."""
+        if t <= self.t_i:
+            return self.b0
+        if t > self.T - self.t_f:
+            return self.bT
+        progress = (t - self.t_i) / (self.T - self.t_f - self.t_i)
+        return int(math.floor(self.bT + (self.b0 - self.bT) * (1 - progress) ** 3))  # (L7)
+
+    @torch.no_grad()
+    def set_mask(self, budget):
+        """(L8) keep exactly the `budget` largest S_i over all layers (ties broken by position,
+        never over-pruned): each layer's lambda_mask."""
+        order = torch.argsort(self.triplet_scores(), descending=True, stable=True)  # one ranking
+        keep = torch.zeros(self.b0, dtype=torch.bool, device=order.device)
+        keep.index_fill_(0, order[:budget], True)  # the `budget` best (L8)
+        for m, kept in zip(self.modules.values(), keep.split([m.r for m in self.modules.values()])):
+            m.lambda_mask.copy_(kept)
+
+    @torch.no_grad()
+    def apply_mask(self):
+        """(L8) λ_i ← 0 for every λ_i outside the kept set (each layer's lambda_mask)."""
+        for m in self.modules.values():
+            m.lambda_.mul_(m.lambda_mask)  # λ_i ← λ_i · [i kept]
+
+    def step(self, global_step):
+        """One pruner step at optimiser step t = global_step (SPEC §4): update the scores (L5) while
+        t < T − t_f; every mask_interval steps in the cubic phase keep the b(t) best triplets
+        (L6–L8); in the final phase (t > T − t_f) fix the pattern once and re-apply it every step. t
+        must exceed the last step (a resumed pruner goes on from the step it saved): a repeated or
+        earlier step would score a step twice or let the pruned rank regrow."""
+        t = global_step
+        if not _is_int(t) or t < 0:
+            raise ValueError(f"Pruner.step: global_step must be an integer >= 0, got {t!r}")
+        if self.last_step is not None and t <= self.last_step:
+            raise ValueError(f"Pruner.step({t}): steps must increase; the last one was "
+                             f"{self.last_step}")
+        if t < self.T - self.t_f:
+            self.update_scores()  # (L5)
+        if t > self.T - self.t_f:
+            if not self.final_fixed:
+                self.set_mask(self.bT)  # (L6)–(L8) at b_T, once
+                self.final_fixed = True
+            self.apply_mask()
+        elif t > self.t_i and t % self.mask_interval == 0:
+            self.set_mask(self.budget(t))  # (L6)–(L8) at b(t)
+            self.apply_mask()
+        self.last_step = t
+
+    def stats(self):
+        """Entries scored per step (2kr + r a layer, SPEC §3), adapter entries, and what AdaLoRA
+        would score for the same layers at the same r."""
+        scored = adapter = adalora = 0
+        for m in self.modules.values():
+            d_in, d_out, r, k = m.in_features, m.out_features, m.r, m.k
+            scored += r + 2 * k * r + (k * (d_in + d_out) if self.scored == "all" else 0)
+            adapter += k * (d_in + d_out) + 2 * k * r + r
+            adalora += r * (d_in + d_out) + r  # AdaLoRA scores all of P (d_out × r), λ, Q (r × d)
+        return dict(scored=scored, adapter=adapter, adalora_scored=adalora,
+                    scored_ratio=scored / adapter)
+
+    def state_dict(self):
+        """What resuming needs: Ī and Ū per layer and factor, the kept sets, the phase and step."""
+        def copy(scores):
+            return {name: {kind: t.clone() for kind, t in d.items()} for name, d in scores.items()}
+        return {"Ibar": copy(self.Ibar), "Ubar": copy(self.Ubar),
+                "mask": {name: m.lambda_mask.clone() for name, m in self.modules.items()},
+                "final_fixed": self.final_fixed, "last_step": self.last_step,
+                "config": self._config()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state):
+        """Load what state_dict() saved, after checking the configuration and every layer, factor,
+        shape and dtype."""
+        if state.get("config") != self._config():
+            raise ValueError(f"Pruner.load_state_dict: the state was saved for "
+                             f"{state.get('config')}, this pruner has {self._config()}")
+        def spec(d):  # {factor: shape} of a layer's scores, or (shape, dtype) of its mask
+            if isinstance(d, dict):
+                return {kind: tuple(t.shape) for kind, t in d.items()}
+            return (tuple(d.shape), d.dtype) if isinstance(d, torch.Tensor) else d
+        scores = {name: spec({kind: getattr(m, kind) for kind in self.kinds})
+                  for name, m in self.modules.items()}
+        masks = {name: spec(m.lambda_mask) for name, m in self.modules.items()}
+        for key, expected in (("Ibar", scores), ("Ubar", scores), ("mask", masks)):
+            saved = state.get(key)
+            if not isinstance(saved, dict) or set(saved) != set(expected):
+                raise ValueError(f"Pruner.load_state_dict: {key!r} must hold the layers "
+                                 f"{list(expected)}")
+            bad = next((name for name in expected if spec(saved[name]) != expected[name]), None)
+            if bad is not None:
+                raise ValueError(f"Pruner.load_state_dict: {key}[{bad!r}] has shape "
+                                 f"{spec(saved[bad])}, expected {expected[bad]}")
+        last, final = state.get("last_step"), state.get("final_fixed")
+        if not (last is None or _is_int(last)) or not isinstance(final, bool):
+            raise ValueError(f"Pruner.load_state_dict: last_step {last!r} / final_fixed {final!r} "
+                             f"are not valid")
+        for key, scores in (("Ibar", self.Ibar), ("Ubar", self.Ubar)):
+            for name, m in self.modules.items():
+                for kind in self.kinds:
+                    saved = state[key][name][kind]
+                    scores[name][kind] = saved.to(m.lambda_.device, torch.float32, copy=True)
+        for name, m in self.modules.items():
+            m.lambda_mask.copy_(state["mask"][name])
+        self.final_fixed, self.last_step = final, last
 
     def close(self):
         """Remove the forward pre-hook that warns when step() is never called. Idempotent."""
@@ -489,175 +539,73 @@ class Pruner:
             self._hook.remove()
             self._hook = None
 
-    def budget(self, t):
-        """b(t), the number of λ kept after step t (L7; AdaLoRA eq. 14 as AdaLoRA's and the authors' code compute it,
-        with (t − t_i) where the printed equation has a typo)."""
-        if t <= self.t_i:
-            return self.b0
-        if t > self.T - self.t_f:
-            return self.bT
-        progress = (t - self.t_i) / (self.T - self.t_f - self.t_i)
-        return int(math.floor(self.bT + (self.b0 - self.bT) * (1 - progress) ** 3))
+    def _check_called(self, model, args):
+        """A pruner never stepped silently leaves an unpruned factorised LoRA (SPEC §4): warn once,
+        after 100 training forwards. Eager forwards only (inside a compiled graph the counter would
+        be guarded on)."""
+        if torch.compiler.is_compiling():
+            return
+        if model.training and self.last_step is None:
+            self._forwards += 1
+            if self._forwards == 100:
+                warnings.warn("Pruner.step(global_step) has not been called in 100 training "
+                              "forwards: nothing is scored or pruned. Call it after optimizer.step(), "
+                              "before zero_grad().", stacklevel=2)
 
-    @torch.no_grad()
-    def update_scores(self):
-        """(L5) on this step's gradients: AdaLoRA eqs. 10–12 for every scored factor w of every layer, in fp32.
-
-        step() calls it while t < T − t_f; a trainer may torch.compile it on its own (no graph break). A factor
-        without a gradient is skipped, not a crash.
-        """
-        for name, m in self.modules.items():
-            for kind in self.kinds:
-                w = getattr(m, kind)
-                if w.grad is None:
-                    continue
-                if self.Ibar[name][kind].device != w.device:  # the model moved since the last update: follow it
-                    self.Ibar[name][kind] = self.Ibar[name][kind].to(w.device)
-                    self.Ubar[name][kind] = self.Ubar[name][kind].to(w.device)
-                Ibar, Ubar = self.Ibar[name][kind], self.Ubar[name][kind]
-                I = (w.float() * w.grad.float()).abs_()  # I = |w · ∂L/∂w|                        (eq. 10)
-                Ibar.lerp_(I, 1 - self.beta1)  # Ī ← β₁Ī + (1−β₁)I, in place                       (eq. 11)
-                Ubar.lerp_((I - Ibar).abs_(), 1 - self.beta2)  # Ū ← β₂Ū + (1−β₂)|I − Ī|           (eq. 12)
-
-    @torch.no_grad()
-    def triplet_scores(self):
-        """(L6) S_i = s(λ_i) + (1/k) Σ_j s(P_inner[j, i]) + (1/k) Σ_j s(Q_inner[i, j]), s = Ī · Ū (AdaLoRA eq. 13).
-
-        Returns one fp32 vector of b₀ scores, layers in model order (the order of `rank_pattern`).
-        """
-        device = next(iter(self.modules.values())).lambda_.device
-        scores = []
-        for name in self.modules:
-            s = {kind: self.Ibar[name][kind] * self.Ubar[name][kind] for kind in self.kinds}  # s = Ī · Ū
-            S = s["lambda_"] + s["P_inner"].mean(0) + s["Q_inner"].mean(1)  # (r,): s(λ_i) + column / row means
-            if self.scored == "all":  # outer factors are shared by all r triplets of a layer: a per-layer constant
-                S = S + s["P_outer"].mean() + s["Q_outer"].mean()
-            scores.append(S.to(device))
-        return torch.cat(scores)
-
-    @torch.no_grad()
-    def _set_mask(self, budget):
-        """(L8) keep exactly the `budget` largest S_i over all layers (ties broken by position, never over-pruned)."""
-        order = torch.argsort(self.triplet_scores(), descending=True, stable=True)
-        keep = torch.zeros(self.b0, dtype=torch.bool, device=order.device).index_fill_(0, order[:budget], True)
-        for m, kept in zip(self.modules.values(), keep.split([m.r for m in self.modules.values()])):
-            m.lambda_mask.copy_(kept)
-
-    @torch.no_grad()
-    def _apply_mask(self):
-        """λ_i ← 0 for every λ_i outside the kept set (each layer's lambda_mask)."""
-        for m in self.modules.values():
-            m.lambda_.mul_(m.lambda_mask)  # λ_i ← λ_i · [i kept]
-
-    def step(self, global_step):
-        """One pruner step at optimiser step t = global_step (SPEC §4): update the scores (L5) while t < T − t_f;
-        every mask_interval steps in the cubic phase keep the b(t) best triplets (L6–L8); in the final phase
-        (t > T − t_f) fix the pattern once and re-apply it every step. t must exceed the last step (a resumed
-        pruner goes on from the step it saved): a repeated or earlier step would score a step twice or let the
-        pruned rank regrow."""
-        t = global_step
-        if not _is_int(t) or t < 0:
-            raise ValueError(f"Pruner.step: global_step must be an integer >= 0, got {t!r}")
-        if self.last_step is not None and t <= self.last_step:
-            raise ValueError(f"Pruner.step({t}): steps must increase; the last one was {self.last_step}")
-        if t < self.T - self.t_f:
-            self.update_scores()
-        if t > self.T - self.t_f:
-            if not self.final_fixed:
-                self._set_mask(self.bT)
-                self.final_fixed = True
-            self._apply_mask()
-        elif t > self.t_i and t % self.mask_interval == 0:
-            self._set_mask(self.budget(t))
-            self._apply_mask()
-        self.last_step = t
-
-    def stats(self):
-        """Entries scored per step (2kr + r a layer, SPEC §3), adapter entries, and what AdaLoRA would score for the
-        same layers at the same r."""
-        scored = adapter = adalora = 0
-        for m in self.modules.values():
-            d_in, d_out, r, k = m.in_features, m.out_features, m.r, m.k
-            scored += r + 2 * k * r + (k * (d_in + d_out) if self.scored == "all" else 0)
-            adapter += k * (d_in + d_out) + 2 * k * r + r
-            adalora += r * (d_in + d_out) + r  # AdaLoRA scores all of P (d_out × r), λ and Q (r × d_in)
-        return {"scored": scored, "adapter": adapter, "adalora_scored": adalora, "scored_ratio": scored / adapter}
-
-    def state_dict(self):
-        """Everything needed to resume exactly: Ī and Ū per layer and factor, the kept sets, phase and step."""
-        return {"Ibar": {name: {kind: t.clone() for kind, t in d.items()} for name, d in self.Ibar.items()},
-                "Ubar": {name: {kind: t.clone() for kind, t in d.items()} for name, d in self.Ubar.items()},
-                "mask": {name: m.lambda_mask.clone() for name, m in self.modules.items()},
-                "final_fixed": self.final_fixed, "last_step": self.last_step, "config": self._config()}
-
-    @torch.no_grad()
-    def load_state_dict(self, state):
-        """Load what state_dict() saved, after checking the configuration, every layer and factor, and every shape."""
-        if state.get("config") != self._config():
-            raise ValueError(f"Pruner.load_state_dict: the state was saved for {state.get('config')}, "
-                             f"this pruner has {self._config()}")
-        expected = {name: {kind: getattr(m, kind).shape for kind in self.kinds} for name, m in self.modules.items()}
-        for key in ("Ibar", "Ubar"):
-            saved = state.get(key)
-            if not isinstance(saved, dict) or set(saved) != set(expected):
-                raise ValueError(f"Pruner.load_state_dict: {key!r} must hold the layers {list(expected)}")
-            for name, shapes in expected.items():
-                if not isinstance(saved[name], dict) or set(saved[name]) != set(shapes):
-                    raise ValueError(f"Pruner.load_state_dict: {key}[{name!r}] must hold {list(shapes)}")
-                for kind, shape in shapes.items():
-                    if saved[name][kind].shape != shape:
-                        raise ValueError(f"Pruner.load_state_dict: {key}[{name!r}][{kind!r}] has shape "
-                                         f"{tuple(saved[name][kind].shape)}, expected {tuple(shape)}")
-        masks = state.get("mask")
-        if not isinstance(masks, dict) or set(masks) != set(self.modules):
-            raise ValueError(f"Pruner.load_state_dict: 'mask' must hold the layers {list(self.modules)}")
-        for name, m in self.modules.items():
-            if masks[name].shape != m.lambda_mask.shape or masks[name].dtype != torch.bool:
-                raise ValueError(f"Pruner.load_state_dict: mask[{name!r}] must be a bool tensor of shape ({m.r},), "
-                                 f"got {masks[name].dtype} {tuple(masks[name].shape)}")
-        last, final = state.get("last_step"), state.get("final_fixed")
-        if not (last is None or _is_int(last)) or not isinstance(final, bool):
-            raise ValueError(f"Pruner.load_state_dict: last_step {last!r} / final_fixed {final!r} are not valid")
-        for key, scores in (("Ibar", self.Ibar), ("Ubar", self.Ubar)):
-            for name, m in self.modules.items():
-                for kind in self.kinds:
-                    scores[name][kind] = state[key][name][kind].to(m.lambda_.device, torch.float32, copy=True)
-        for name, m in self.modules.items():
-            m.lambda_mask.copy_(masks[name])
-        self.final_fixed, self.last_step = final, last
+    def _zeros(self, m):
+        """{scored factor: fp32 zeros of its shape} for layer m: Ī or Ū before the first update."""
+        return {kind: torch.zeros_like(getattr(m, kind), dtype=torch.float32)
+                for kind in self.kinds}
 
     def _config(self):
-        return dict(layers=list(self.modules), b0=self.b0, bT=self.bT, T=self.T, t_i=self.t_i, t_f=self.t_f,
-                    mask_interval=self.mask_interval, beta1=self.beta1, beta2=self.beta2, scored=self.scored)
+        return dict(layers=list(self.modules), b0=self.b0, bT=self.bT, T=self.T, t_i=self.t_i,
+                    t_f=self.t_f, mask_interval=self.mask_interval, beta1=self.beta1,
+                    beta2=self.beta2, scored=self.scored)
+
+    def _check_arguments(self, target_rank, target_total):
+        """The checks of SPEC §4; returns (b₀, b_T): the n·r singular values at the start and the
+        n·target_rank (or target_total) at the end."""
+        if not self.modules:
+            raise ValueError("Pruner: the model has no LoRA2Linear layer (call inject first)")
+        ints = dict(target_rank=target_rank, total_steps=self.T, init_warmup=self.t_i,
+                    final_warmup=self.t_f, mask_interval=self.mask_interval)
+        for key, value in ints.items():
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"Pruner: {key} must be an integer >= 0, got {value!r}")
+        b0, r = sum(m.r for m in self.modules.values()), min(m.r for m in self.modules.values())
+        bT = len(self.modules) * target_rank if target_total is None else target_total
+        t_i, t_f = self.t_i, self.t_f
+        for ok, message in [
+                (self.T > t_i + t_f, f"total_steps (T={self.T}) must exceed init_warmup + final_warmup "
+                                     f"(t_i + t_f = {t_i} + {t_f} = {t_i + t_f})"),
+                (target_rank <= r, f"target_rank={target_rank} exceeds r={r}, the layers' smallest r"),
+                (self.mask_interval >= 1, f"mask_interval must be >= 1, got {self.mask_interval}"),
+                (0.0 < self.beta1 < 1.0, f"beta1 must be in (0, 1), got {self.beta1!r}"),
+                (0.0 < self.beta2 < 1.0, f"beta2 must be in (0, 1), got {self.beta2!r}"),
+                (self.scored in SCORED, f"scored must be one of {SCORED}, got {self.scored!r}"),
+                (_is_int(bT) and 0 <= bT <= b0, f"target_total must be an integer in [0, {b0}] "
+                                                f"(b₀ = Σ r), got {bT!r}")]:
+            if not ok:
+                raise ValueError(f"Pruner: {message}")
+        return b0, bT
 
 
 def rank_pattern(model):
-    """{layer name: [kept λ_i, as bool]} from each LoRA2Linear's lambda_mask, as set by the Pruner's last masking
-    (all True before the first one)."""
+    """{layer name: [kept λ_i, as bool]} from each LoRA2Linear's lambda_mask, as set by the Pruner's
+    last masking (all True before the first one)."""
     return {name: m.lambda_mask.tolist() for name, m in lora2_modules(model).items()}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Merging, saving, loading
+# --------------------------------------------------------------------------------------------------
+# Merging, adapter state
 
 
 def merge(model):
-    """Merge every LoRA2Linear (W₀ ← W₀ + s·ΔW, SPEC §1); idempotent. If a base weight is shared with another
-    parameter of `model` (tied weights) it raises, naming both modules, before any layer is merged."""
-    modules = _mergeable(model)
-    for m in modules.values():
+    """Merge every LoRA2Linear (W₀ ← W₀ + s·ΔW, SPEC §1); idempotent. A base weight tied to another
+    parameter of `model` raises, naming both modules, before any layer is merged."""
+    for m in _mergeable(model).values():
         m.merge()
     return model
-
-
-def _mergeable(model):
-    """lora2_modules(model), after checking that none of the unmerged ones has a tied base weight."""
-    _record_names(model)  # ties made after inject (e.g. a later tie_weights()) count too
-    modules = lora2_modules(model)
-    for m in modules.values():
-        if not m.merged:
-            m._refuse_if_tied()
-    return modules
 
 
 def unmerge(model):
@@ -668,8 +616,8 @@ def unmerge(model):
 
 
 def merge_and_unload(model):
-    """Merge every adapter into its base weight and put the plain base layer back in its place. Refuses tied
-    weights like merge(), before changing anything."""
+    """Merge every adapter into its base weight and put the plain base layer back in its place.
+    Refuses tied weights like merge(), before changing anything."""
     for name, m in _mergeable(model).items():
         m.merge()
         parent_name, _, attr = name.rpartition(".")
@@ -681,43 +629,44 @@ ADAPTER_KEYS = ("Q_outer", "Q_inner", "lambda_", "P_inner", "P_outer", "lambda_m
 
 
 def adapter_state_dict(model):
-    """{"<layer>.<factor>": tensor} for the five factors and the λ mask of every LoRA2Linear; nothing else."""
+    """{"<layer>.<factor>": tensor}: the five factors and the λ mask of every LoRA2Linear."""
     return {f"{name}.{key}": getattr(m, key).detach().clone()
             for name, m in lora2_modules(model).items() for key in ADAPTER_KEYS}
 
 
 @torch.no_grad()
 def load_adapter_state_dict(model, state):
-    """Load what adapter_state_dict saved. Missing, unexpected or mis-shaped entries raise, naming the layer, and so
-    does a merged layer (unmerge first: its weight holds the adapter as it was at merge())."""
+    """Load what adapter_state_dict saved. Missing, unexpected or mis-shaped entries raise, naming
+    the layer, and so does a merged layer (unmerge first)."""
     modules = lora2_modules(model)
     merged = [name for name, m in modules.items() if m.merged]
     if merged:
-        raise RuntimeError(f"load_adapter_state_dict: {len(merged)} layers are merged ({merged[0]!r}, ...); call "
-                           f"lora2.unmerge(model) first")
+        raise RuntimeError(f"load_adapter_state_dict: {len(merged)} layers are merged "
+                           f"({merged[0]!r}, ...); call lora2.unmerge(model) first")
     expected = {f"{name}.{key}" for name in modules for key in ADAPTER_KEYS}
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(f"load_adapter_state_dict: missing {missing[:6]}, unexpected {unexpected[:6]}")
+        raise ValueError(f"load_adapter_state_dict: missing {missing[:6]}, unexpected "
+                         f"{unexpected[:6]}")
     for name, m in modules.items():
         for key in ADAPTER_KEYS:
             src, dst = state[f"{name}.{key}"], getattr(m, key)
             if src.shape != dst.shape:
-                raise ValueError(f"load_adapter_state_dict: layer {name!r} {key} has shape {tuple(dst.shape)}, "
-                                 f"the saved one {tuple(src.shape)}")
+                raise ValueError(f"load_adapter_state_dict: layer {name!r} {key} has shape "
+                                 f"{tuple(dst.shape)}, the saved one {tuple(src.shape)}")
             dst.copy_(src)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # §6  Exact export to a plain LoRA
 
 
 @torch.no_grad()
 def to_lora(model):
-    """{layer name: (B, A)} with s·ΔW = B @ A exactly, rank min(k, r') where r' = number of non-zero λ (SPEC §6).
+    """{layer name: (B, A)}, s·ΔW = B @ A exactly, of rank min(k, r'), K = the r' non-zero λ (SPEC §6):
 
-    r' ≤ k: B = s · P_outer · P_inner[:, K] · diag(λ_K) (d_out × r'),  A = Q_inner[K, :] · Q_outer (r' × d_in);
-    else:   B = s · P_outer · M (d_out × k),                           A = Q_outer (k × d_in).
+        r' ≤ k:  B = s · P_outer · P_inner[:, K] · diag(λ_K) (d_out × r'),  A = Q_inner[K] · Q_outer
+        else:    B = s · P_outer · M (d_out × k),                           A = Q_outer (k × d_in)
     """
     out = {}
     for name, m in lora2_modules(model).items():
@@ -732,99 +681,30 @@ def to_lora(model):
     return out
 
 
-_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                       torch.bool: "BOOL"}
+def peft_state_dict(model, base_model_name_or_path=None, modules_to_save=None):
+    """(state dict, adapter config): the model as a PEFT LoRA adapter (SPEC §6), what PEFT reads from
+    adapter_model.safetensors and adapter_config.json to load it onto the untouched base model.
 
-
-def atomic_write(path, data):
-    """Write `data` to `path` so that `path` is always either its old content or the whole new one.
-
-    data: bytes, a str (written as UTF-8) or a callable that writes into the binary file object it is given, e.g.
-    `lambda f: torch.save(obj, f)`. The bytes go to a new temporary file beside `path`, named from the process id and
-    os.urandom and created with O_EXCL (two writers never share one), which is flushed, fsync'ed and os.replace'd over
-    `path`. On any exception the temporary file is removed and the exception re-raised; a previous `path` is untouched.
-    """
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    if not (callable(data) or isinstance(data, (bytes, bytearray, memoryview))):
-        raise TypeError(f"atomic_write: data must be bytes, str or a callable taking a file, got {type(data).__name__}")
-    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(8).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with open(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def write_safetensors(tensors, path, metadata=None):
-    """Write {name: tensor} to `path` in the safetensors format, atomically (atomic_write).
-
-    The format: u64 little-endian header length, a JSON header, then the raw tensor bytes. The header maps each name to
-    {"dtype", "shape", "data_offsets": [start, end)} in the byte buffer that follows it; the optional "__metadata__"
-    entry maps strings to strings. Tensors are written row-major in the machine's byte order; the format asks for
-    little-endian, which x86-64 and ARM64 are.
-    """
-    metadata = dict(metadata or {})
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise ValueError(f"write_safetensors: metadata must map strings to strings, got {metadata!r}")
-    header = {"__metadata__": metadata} if metadata else {}
-    chunks, offset = [], 0
-    for key, t in tensors.items():
-        if t.dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"write_safetensors: {key!r} has dtype {t.dtype}, not one of {list(_SAFETENSORS_DTYPES)}")
-        t = t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)  # own, compact, row-major storage
-        data = bytes(t.untyped_storage())
-        header[key] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                       "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # pad the header to 8 bytes, as the reference writer does
-
-    def write(f):
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for data in chunks:
-            f.write(data)
-
-    atomic_write(path, write)
-
-
-def save_peft(model, path, base_model_name_or_path=None, modules_to_save=None):
-    """Write the model as a PEFT LoRA adapter in directory `path` (SPEC §6): adapter_model.safetensors and
-    adapter_config.json, for `PeftModel.from_pretrained(base_model, path)` on the untouched base model.
-
-    Each LoRA² layer becomes the exact LoRA (B, A) of `to_lora`, rank r' = min(k, #λ≠0); layers pruned to rank 0 are
-    left out. `rank_pattern` gives each layer its own r', and `alpha_pattern` = r' (with lora_alpha = r) makes PEFT's
-    scaling α/r exactly 1, since s is already inside B. PEFT matches a pattern key as a regex against the end of a
-    module name ("output.dense" would also match "attention.output.dense"), so the keys are escaped full names
-    anchored with "^"; target_modules lists the full names.
-
-    modules_to_save: names of modules written whole, e.g. a trained classification head; PEFT puts them in place of
-    the base model's copies. Default: every module outside the LoRA² layers that holds a parameter requiring grad,
-    i.e. what `inject(..., trainable=...)` unfroze. Pass () to write none. Returns {layer name: r'} of the LoRA layers.
+    Each layer becomes the exact LoRA (B, A) of `to_lora`, rank r' = min(k, #λ≠0); layers pruned to
+    rank 0 are left out. `rank_pattern` gives each layer its r', and `alpha_pattern` = r' makes PEFT's
+    scaling α/r exactly 1 (s is inside B). PEFT matches a pattern key as a regex against the end of a
+    module name ("output.dense" also matches "attention.output.dense"), so the keys are escaped full
+    names anchored with "^". modules_to_save: modules stored whole (a trained head), which PEFT puts
+    in place of the base model's; default: those outside the LoRA² layers with a parameter requiring
+    grad (what `inject(..., trainable=...)` unfroze); () stores none.
     """
     adapted = lora2_modules(model)
     modules = dict(model.named_modules())
-    outside = {name for name in modules if not any(name == a or name.startswith(a + ".") for a in adapted)}
+    outside = {name for name in modules
+               if not any(name == a or name.startswith(a + ".") for a in adapted)}
     if modules_to_save is None:
-        modules_to_save = [name for name, m in modules.items()
-                           if name in outside and any(p.requires_grad for p in m.parameters(recurse=False))]
+        modules_to_save = [name for name, m in modules.items() if name in outside and any(
+            p.requires_grad for p in m.parameters(recurse=False))]
     modules_to_save = list(modules_to_save)
     for name in modules_to_save:
         if not name or name not in outside or any(a.startswith(name + ".") for a in adapted):
-            raise ValueError(f"save_peft: module to save {name!r} must be a named submodule that neither is, holds nor "
-                             f"lies inside a LoRA2Linear layer")
+            raise ValueError(f"save_peft: module to save {name!r} must be a named submodule that "
+                             f"neither is, holds nor lies inside a LoRA2Linear layer")
     tensors, ranks = {}, {}
     for name, (B, A) in to_lora(model).items():
         if A.shape[0] == 0:
@@ -833,19 +713,85 @@ def save_peft(model, path, base_model_name_or_path=None, modules_to_save=None):
         tensors[f"base_model.model.{name}.lora_A.weight"] = A  # (r', d_in)
         tensors[f"base_model.model.{name}.lora_B.weight"] = B  # (d_out, r'), s included
     if not ranks:
-        raise ValueError(f"save_peft: nothing to export: none of the model's {len(adapted)} LoRA2Linear layers has a "
-                         f"non-zero λ")
+        raise ValueError(f"save_peft: nothing to export: none of the model's {len(adapted)} "
+                         f"LoRA2Linear layers has a non-zero λ")
     for name in modules_to_save:
         for key, t in modules[name].state_dict().items():
             tensors[f"base_model.model.{name}.{key}"] = t  # PEFT's key for modules_to_save on disk
     pattern = {"^" + re.escape(name): rank for name, rank in ranks.items()}
     r = max(ranks.values())
-    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
-              "r": r, "lora_alpha": r, "target_modules": sorted(ranks), "rank_pattern": pattern,
-              "alpha_pattern": dict(pattern), "modules_to_save": modules_to_save or None, "lora_dropout": 0.0,
-              "bias": "none", "fan_in_fan_out": any(m.fan_in_fan_out for m in adapted.values()),
+    config = {"peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": r,
+              "base_model_name_or_path": base_model_name_or_path, "target_modules": sorted(ranks),
+              "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+              "modules_to_save": modules_to_save or None, "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": any(m.fan_in_fan_out for m in adapted.values()),
               "use_rslora": False, "init_lora_weights": True, "inference_mode": True}
-    os.makedirs(path, exist_ok=True)
-    write_safetensors(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
-    atomic_write(os.path.join(path, "adapter_config.json"), json.dumps(config, indent=2))
-    return ranks
+    return tensors, config
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers: layer kinds, names
+
+
+def _is_conv1d(module):
+    """GPT-2's Conv1D: a linear layer whose weight is stored transposed, (d_in, d_out) [ours: no
+    copy is made]."""
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+            and getattr(module, "weight", None) is not None)
+
+
+def _is_linear(module):
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def _is_int(value):
+    """An int that is not a bool (True would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _matches(name, target):
+    if isinstance(target, re.Pattern):
+        return target.fullmatch(name) is not None
+    return name == target or name.endswith("." + target)
+
+
+def _has_part(name, part):
+    """True if `part` ("classifier", or several parts such as "bert.pooler") is a run of whole
+    dotted components of `name`: "classifier" matches "classifier.weight" and
+    "head.classifier.bias", not "classifier_dropout.p"."""
+    return f".{part}." in f".{name}."
+
+
+def _names(value, what, patterns=False):
+    """A non-empty string (or compiled regex, if `patterns`), or a list, tuple or set of them, as a
+    tuple; anything else raises TypeError. A single string is one name, never its characters."""
+    kinds = (str, re.Pattern) if patterns else (str,)
+    items = (value,) if isinstance(value, kinds) else value
+    if not isinstance(items, (list, tuple, set, frozenset)) or any(
+            not isinstance(v, kinds) or v == "" for v in items):
+        kind = "a non-empty string or compiled regex" if patterns else "a non-empty string"
+        raise TypeError(f"{what} must be {kind}, or a list of them; got {value!r}")
+    return tuple(items)
+
+
+def _record_names(model):
+    """Set each LoRA2Linear's `name` and `tied_to`: the other names under which `model` holds its
+    base weight (the same Parameter object, as tied embeddings are made), e.g.
+    ("transformer.wte.weight",) for GPT-2's lm_head."""
+    names = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(pname)
+    for name, m in lora2_modules(model).items():
+        own = f"{name}.base.weight" if name else "base.weight"
+        m.name, m.tied_to = name, tuple(n for n in names.get(id(m.base.weight), ()) if n != own)
+
+
+def _mergeable(model):
+    """lora2_modules(model), after checking that none of the unmerged ones has a tied base
+    weight."""
+    _record_names(model)  # ties made after inject (e.g. a later tie_weights()) count too
+    modules = lora2_modules(model)
+    for m in modules.values():
+        if not m.merged:
+            m._refuse_if_tied()
+    return modules

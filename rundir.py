@@ -3,7 +3,7 @@
 - adapter.pt: the best evaluation's adapter + head and its config (`--eval_only --load` rebuilds the model from it);
 - train_state.pt: everything `--resume` needs to continue exactly (weights, optimiser, schedule, pruner, RNG, best);
 - metrics.json, the printed summary, the rank pattern as a text heatmap (and rank_pattern.png with --plot).
-Every file is written atomically (lora2.atomic_write): a killed run leaves the previous version, never half a file,
+Every file is written atomically (formats.atomic_write): a killed run leaves the previous version, never half a file,
 and a failed write (disk full) says so and keeps the previous file. A folder belongs to one run at a time (claim).
 Not here: the training loop and the method (train_glue.py, lora2.py).
 """
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import bert
+import formats
 import glue
 import lora2
 
@@ -31,9 +32,14 @@ RUN_FILES = ("metrics.json", "adapter.pt", "train_state.pt", "rank_pattern.png")
 LOCK = ".lock"
 
 
+def method_of(cfg):
+    """What a run trains: "lora2" (train_glue.py), or its --method (experiments/baselines.py)."""
+    return getattr(cfg, "method", "lora2")
+
+
 def out_dir_of(cfg):
     """--out_dir, default runs/<task>-<method>-s<seed>."""
-    return Path(cfg.out_dir or f"runs/{cfg.task}-{cfg.method}-s{cfg.seed}")
+    return Path(cfg.out_dir or f"runs/{cfg.task}-{method_of(cfg)}-s{cfg.seed}")
 
 
 @contextlib.contextmanager
@@ -46,24 +52,22 @@ def claim(cfg):
       train_state.pt, or --overwrite replaces it (clear deletes them once every check has passed);
     - the temporary files of an interrupted save (<run file>.<pid>.<random>.tmp) are removed;
     - --export_peft must be a folder, or not exist yet; one holding an adapter needs --overwrite (or --resume).
+    At the end the .lock goes, and so do the folders this claim created if the run wrote nothing into them (a run
+    that failed before its first save leaves no trace).
     """
     out_dir = out_dir_of(cfg)
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # innermost first
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(out_dir / LOCK, "a+")
+        lock = _lock(out_dir / LOCK)
     except OSError as e:
+        _remove_empty(created)
         raise OSError(f"--out_dir {out_dir}: cannot create or write to it ({e.strerror or e}); choose a writable "
                       f"folder") from None
+    except ValueError:
+        _remove_empty(created)
+        raise
     try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise ValueError(f"--out_dir {out_dir} is in use by another run (pid {lock.read().strip() or '?'}); "
-                             f"wait for it to end or choose another --out_dir") from None
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
         found = [name for name in RUN_FILES if (out_dir / name).exists()]
         if found and cfg.resume and "train_state.pt" not in found:
             raise ValueError(f"--resume: {out_dir} holds a run ({', '.join(found)}) but no train_state.pt to continue "
@@ -79,7 +83,45 @@ def claim(cfg):
             check_export(Path(cfg.export_peft), cfg)
         yield out_dir
     finally:
+        (out_dir / LOCK).unlink(missing_ok=True)  # while holding it: a run waiting on this file sees it gone (_lock)
         lock.close()
+        _remove_empty(created)
+
+
+def _lock(path):
+    """The open lock file `path`, flock'ed exclusively with the process id in it; ValueError if another run holds it.
+    A lock file unlinked by its holder between our open and our flock is not ours: open the new one instead."""
+    while True:
+        lock = open(path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            pid = lock.read().strip() or "?"
+            lock.close()
+            raise ValueError(f"--out_dir {path.parent} is in use by another run (pid {pid}); wait for it to end or "
+                             f"choose another --out_dir") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def _remove_empty(folders):
+    """rmdir each folder (innermost first) as long as they are empty; one that does not exist is skipped."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
 
 
 def clear(out_dir):
@@ -104,9 +146,9 @@ def check_export(path, cfg):
 
 
 def write(path, data):
-    """lora2.atomic_write; a failed write (disk full, no permission) is one OSError saying the file is unchanged."""
+    """formats.atomic_write; a failed write (disk full, no permission) is one OSError saying the file is unchanged."""
     try:
-        lora2.atomic_write(path, data)
+        formats.atomic_write(path, data)
     except (OSError, RuntimeError) as e:  # torch.save to a path reports a full disk as a RuntimeError
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed; is the disk full?"
         raise OSError(f"could not write {path} ({reason}); {Path(path).name} is unchanged (the previous version, if "
@@ -153,7 +195,7 @@ def load_checkpoint(path, kind, map_location="cpu"):
 
 
 def save_adapter(path, cfg, step, metrics, state):
-    """adapter.pt: the best evaluation's adapter + head (method.trained_state()), its step, metrics and config."""
+    """adapter.pt: the best evaluation's adapter + head (`state`, e.g. lora2_state), its step, metrics, config."""
     torch_save({"kind": "adapter", "config": dataclasses.asdict(cfg), "step": step, "metrics": metrics, **state}, path)
 
 
@@ -164,6 +206,12 @@ def load_adapter(cfg):
     path = cfg.load
     ck = load_checkpoint(path, "adapter")
     names = {f.name for f in dataclasses.fields(cfg)}
+    if ck["config"].get("method", method_of(cfg)) != method_of(cfg):
+        raise ValueError(f"{path} is a --method {ck['config']['method']} run of experiments/baselines.py, not "
+                         f"{method_of(cfg)}; evaluate it with the script that trained it")
+    if "method" not in names:
+        ck["config"].pop("method", None)  # LoRA² runs from before train_glue.py lost --method
+    ck["config"].setdefault("precision", None)  # from before --precision: bf16 on CUDA, fp32 on the CPU
     if set(ck["config"]) - names:
         raise ValueError(f"{path} has settings this train_glue.py does not know ({sorted(set(ck['config']) - names)}); "
                          f"it was written by another version")
@@ -176,35 +224,39 @@ def load_adapter(cfg):
                             "device": cfg.device})
 
 
-def load_trained(method, state, path):
-    """method.load_trained_state(state); a tensor that does not fit the model is a one-line error naming the file."""
+def load_trained(load, state, path):
+    """load(state) (e.g. load_lora2_state); a tensor that does not fit the model is a one-line error naming the
+    file."""
     try:
-        method.load_trained_state(state)
+        load(state)
     except (KeyError, RuntimeError, ValueError) as e:
         raise ValueError(f"{path} does not fit the model built from its settings: {' '.join(str(e).split())}") from None
 
 
-def save_train_state(path, cfg, method, optimizer, scheduler, device, run):
-    """train_state.pt: config, run state (step, elapsed, best, last metrics), weights, optimiser, schedule, pruner, RNG."""
+def save_train_state(path, cfg, trained, pruner, optimizer, scheduler, device, run):
+    """train_state.pt: config, run state (step, elapsed, best, last metrics), the trained tensors, optimiser,
+    schedule, pruner (its state_dict(), or None), RNG."""
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-    torch_save({"kind": "train_state", "config": dataclasses.asdict(cfg), **run, "model": method.trained_state(),
-                "rng": rng, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "pruner": method.state_dict()}, path)
+    torch_save({"kind": "train_state", "config": dataclasses.asdict(cfg), **run, "model": trained, "rng": rng,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "pruner": None if pruner is None else pruner.state_dict()}, path)
 
 
-def load_train_state(path, cfg, method, optimizer, scheduler, device):
-    """Restore what save_train_state wrote, after checking it is one, written with the same settings."""
+def load_train_state(path, cfg, load, pruner, optimizer, scheduler, device):
+    """Restore what save_train_state wrote, after checking it is one, written with the same settings: the trained
+    tensors through load(state), then optimiser, schedule, pruner (None: none) and RNG; returns the run state."""
     ck = load_checkpoint(path, "train_state", map_location=device)
     changed = {k for k, v in dataclasses.asdict(cfg).items() if k not in RUN_CONTROL and ck["config"].get(k) != v}
     if changed:
         raise ValueError(f"--resume: {path} was written with other settings: "
                          + ", ".join(f"--{k} {ck['config'].get(k)} (now {getattr(cfg, k)})" for k in sorted(changed))
                          + "; rerun with those, or pass --overwrite to start over")
-    load_trained(method, ck["model"], path)
+    load_trained(load, ck["model"], path)
     try:
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
-        method.load_state_dict(ck["pruner"])
+        if pruner is not None:
+            pruner.load_state_dict(ck["pruner"])
         torch.set_rng_state(ck["rng"]["torch"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
@@ -212,6 +264,18 @@ def load_train_state(path, cfg, method, optimizer, scheduler, device):
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise ValueError(f"{path} does not fit this run ({type(e).__name__}: {' '.join(str(e).split())}); pass "
                          f"--overwrite to start over") from None
+
+
+def lora2_state(model):
+    """What adapter.pt and train_state.pt keep of a LoRA² model: the adapter (lora2.adapter_state_dict) and the
+    trained head."""
+    return {"adapter": lora2.adapter_state_dict(model), "head": head_state(model)}
+
+
+def load_lora2_state(model, state):
+    """Load what lora2_state saved."""
+    lora2.load_adapter_state_dict(model, state["adapter"])
+    load_head(model, state["head"])
 
 
 def head_state(model):
@@ -294,18 +358,19 @@ def plot_rank_pattern(pattern, r, path, title):
     return path
 
 
-def report(cfg, method, counts, run, facts, out_dir):
-    """The summary (metrics.json); with out_dir (rank 0): print it, write metrics.json, the PNG and the PEFT export."""
+def report(cfg, counts, run, facts, out_dir, pattern, notes=(), scored_ratio=None, export=None):
+    """The summary (metrics.json); with out_dir (rank 0): print it, write metrics.json, the PNG and, with
+    --export_peft, call export(path, base model name or folder). pattern: {matrix: [kept λ_i]} ({} for none);
+    notes: lines to print."""
     task, best = glue.TASKS[cfg.task], run["best"]
-    pattern, (extra, notes) = method.rank_pattern(), method.notes()
     main_name, elapsed = task.metrics[0], run["elapsed"]
     summary = {
-        "task": cfg.task, "method": cfg.method, "seed": cfg.seed, "metrics": best["metrics"],
+        "task": cfg.task, "method": method_of(cfg), "seed": cfg.seed, "metrics": best["metrics"],
         "main_metric": best["metrics"][main_name], "main_metric_name": main_name, "best_step": best["step"],
         "final_metrics": run["last_metrics"], "steps": facts["steps"], "adapter_params": counts["adapter"],
         "head_params": counts["head"], "trainable_params": counts["trainable"], "total_params": counts["total"],
         "rank_pattern": pattern, "kept_singular_values": sum(sum(k) for k in pattern.values()),
-        "scored_ratio": extra.get("scored_ratio"), "wall_s": round(elapsed, 2),
+        "scored_ratio": scored_ratio, "wall_s": round(elapsed, 2),
         "examples_per_s": round(facts["steps"] * cfg.batch_size / elapsed, 1) if elapsed else None,
         "non_standard_split": facts["non_standard"], "train_size": facts["train_size"],
         "eval_size": facts["eval_size"], "world_size": facts["world"], "device": facts["device"],
@@ -323,19 +388,21 @@ def report(cfg, method, counts, run, facts, out_dir):
     if pattern:
         lines += [f"rank pattern (kept singular values of r={cfg.r}; {summary['kept_singular_values']} of "
                   f"{cfg.r * len(pattern)} in {len(pattern)} matrices):", rank_heatmap(pattern, cfg.r)]
-    lines += notes
+    lines += list(notes)
     if cfg.plot and pattern:
-        png = plot_rank_pattern(pattern, cfg.r, out_dir / "rank_pattern.png", f"{task.dir} {cfg.method} rank pattern")
+        png = plot_rank_pattern(pattern, cfg.r, out_dir / "rank_pattern.png",
+                                f"{task.dir} {method_of(cfg)} rank pattern")
         lines += [f"wrote {png}"] if png else []
     if cfg.export_peft:
         try:
-            method.export_peft(cfg.export_peft, cfg.hf or cfg.model or str(bert.default_model_dir(install=False)))
+            export(cfg.export_peft, cfg.hf or cfg.model or str(bert.default_model_dir(install=False)))
         except OSError as e:
             raise OSError(f"--export_peft {cfg.export_peft}: could not write the PEFT adapter ({e.strerror or e}); "
                           f"the run itself is complete in {out_dir}") from None
         lines.append(f"wrote a PEFT LoRA adapter to {cfg.export_peft}")
+    script = "train_glue.py" if method_of(cfg) == "lora2" else f"experiments/baselines.py --method {method_of(cfg)}"
     lines.append(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'adapter.pt'} "
-                 f"(python train_glue.py --eval_only --load {out_dir / 'adapter.pt'})")
+                 f"(python {script} --eval_only --load {out_dir / 'adapter.pt'})")
     print("\n".join(lines), flush=True)
     return summary
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import bert
+import formats
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_safetensors_reader_round_trip(tmp_path):
         "f.scalar": ("F64", [], struct.pack("<d", 0.1)),
         "g.empty": ("F32", [0, 4], b""),
     }, metadata={"format": "pt"})
-    t = bert.load_safetensors(tmp_path / "t.safetensors")
+    t = formats.load_safetensors(tmp_path / "t.safetensors")
     assert set(t) == {"a.f32", "b.f16", "c.bf16", "d.i64", "e.bool", "f.scalar", "g.empty"}
     assert t["a.f32"].dtype == torch.float32 and torch.equal(t["a.f32"], torch.tensor(f32).reshape(2, 3))
     assert t["b.f16"].dtype == torch.float16
@@ -110,17 +111,17 @@ def test_safetensors_reader_round_trip(tmp_path):
 def test_safetensors_reader_errors(tmp_path):
     write_safetensors(tmp_path / "short.safetensors", {"w": ("F32", [3], struct.pack("<2f", 1, 2))})
     with pytest.raises(ValueError, match=r"'w' has 8 bytes, shape \[3\] needs 12"):
-        bert.load_safetensors(tmp_path / "short.safetensors")
+        formats.load_safetensors(tmp_path / "short.safetensors")
     write_safetensors(tmp_path / "c64.safetensors", {"z": ("C64", [1], b"\0" * 8)})
     with pytest.raises(ValueError, match="unsupported dtype C64"):
-        bert.load_safetensors(tmp_path / "c64.safetensors")
+        formats.load_safetensors(tmp_path / "c64.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"abc")
     with pytest.raises(ValueError, match="not a safetensors file"):
-        bert.load_safetensors(tmp_path / "junk.safetensors")
+        formats.load_safetensors(tmp_path / "junk.safetensors")
 
 
 def test_reads_the_packaged_checkpoint(minilm_dir):
-    t = bert.load_safetensors(minilm_dir / "model.safetensors")
+    t = formats.load_safetensors(minilm_dir / "model.safetensors")
     assert t["embeddings.word_embeddings.weight"].shape == (30522, 384)
     assert t["encoder.layer.5.output.dense.weight"].dtype == torch.float32
 

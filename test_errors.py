@@ -6,6 +6,7 @@ import errno
 import json
 import re
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 import bert
+import formats
 import rundir
 import train_glue as tg
 from test_train_glue import tiny_folders, write
@@ -35,7 +37,8 @@ def argv(tiny, out_dir, *extra):
     return ["--model", str(model_dir), "--data_dir", str(glue), "--no_download", "--out_dir", str(out_dir),
             "--train_size", "0", "--steps", "4", "--batch_size", "8", "--lr", "1e-2", "--r", "4", "--k", "4",
             "--target_rank", "2", "--init_warmup", "0.25", "--final_warmup", "0.25", "--mask_interval", "2",
-            "--eval_every", "2", "--log_every", "2", "--max_len", "32", "--device", "cpu", *extra]
+            "--eval_every", "2", "--log_every", "2", "--max_len", "32", "--device", "cpu", "--precision", "fp32",
+            *extra]
 
 
 def error_of(args, capsys=None):
@@ -86,7 +89,8 @@ def run_settings(out_dir):
     (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
     (["--lr", "nan"], "--lr must be a positive number, got nan"),
     (["--weight_decay", "-0.1"], "--weight_decay"),
-    (["--classifier_dropout", "1"], "--classifier_dropout is in [0, 1)"),
+    (["--classifier_dropout", "1"], "--dropout and --classifier_dropout are in [0, 1), got (None, 1.0)"),
+    (["--dropout", "-0.1"], "--dropout and --classifier_dropout are in [0, 1), got (-0.1, None)"),
     (["--epochs", "-1"], "--steps (--epochs) must be > 0"),
     (["--alpha", "0"], "--r, --k, --alpha must be >= 1, got (8, 8, 0)"),
     (["--resume", "--overwrite"], "give --resume or --overwrite, not both"),
@@ -179,6 +183,25 @@ def test_stale_temporary_files_are_cleaned(tmp_path):
     write(out_dir / "notes.tmp", ["the user's"])
     with rundir.claim(run_settings(out_dir)):
         assert sorted(p.name for p in out_dir.iterdir()) == [".lock", "notes.tmp"]
+
+
+def test_a_failed_run_leaves_nothing_behind(tiny, tmp_path, monkeypatch, capsys):
+    """Issue 19: a run that fails before it starts leaves no run folder, no lock, no empty data folder, and nothing
+    outside the clone (GLUE_DIR names a folder that does not exist; the GLUE archives are unreachable). The model
+    and the checkpoint are checked before any data is read or fetched."""
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    monkeypatch.chdir(clone)
+    monkeypatch.setenv("GLUE_DIR", str(tmp_path / "shared" / "glue"))
+    with socket.socket() as s:  # a port with nothing behind it
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("GLUE_BASE_URL", f"http://127.0.0.1:{s.getsockname()[1]}")
+    cases = [(["--model", "/nonexistent/dir", "--task", "rte"], "/nonexistent/dir: not a BERT checkpoint folder"),
+             (["--model", str(tiny[0]), "--task", "rte", "--max_len", "32"], "fetching http://127.0.0.1:"),
+             (["--eval_only", "--load", "/nonexistent/adapter.pt"], "/nonexistent/adapter.pt: no such checkpoint")]
+    for args, message in cases:
+        assert message in error_of(args + ["--device", "cpu"], capsys)
+        assert sorted(tmp_path.rglob("*")) == [clone], args  # not runs/, glue_data/, shared/glue, nor a lock
 
 
 def test_max_len_beyond_the_model_positions_fails_before_training(tiny, tmp_path, capsys):
@@ -279,7 +302,7 @@ def test_a_full_disk_keeps_the_previous_file_and_says_so(tiny, tmp_path, monkeyp
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["adapter.pt"]  # no .tmp left
     message = error_of(argv(tiny, tmp_path / "run"))  # a run that hits it: one line, no half file
     assert "could not write" in message and "inline_container" not in message
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+    assert not (tmp_path / "run").exists()  # it wrote nothing: its folder and lock are gone
 
 
 def test_config_json_errors_name_the_file_and_key(tiny, tmp_path, capsys):
@@ -346,7 +369,7 @@ def test_safetensors_header_is_validated(tmp_path, case):
     header, data, n, message = BAD_SAFETENSORS[case]
     path = raw_safetensors(tmp_path / "model.safetensors", header, data, n)
     with pytest.raises(ValueError) as e:
-        bert.load_safetensors(path)
+        formats.load_safetensors(path)
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
     reference = pytest.importorskip("safetensors.torch")
     with pytest.raises(Exception):  # the reference library rejects it too
@@ -356,15 +379,15 @@ def test_safetensors_header_is_validated(tmp_path, case):
 def test_safetensors_header_cut_short(tmp_path):
     header = {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}}
     good = raw_safetensors(tmp_path / "good.safetensors", header, F32)
-    assert bert.load_safetensors(good)["w"].tolist() == [1, 2, 3]
+    assert formats.load_safetensors(good)["w"].tolist() == [1, 2, 3]
     raw = good.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     (tmp_path / "cut.safetensors").write_bytes(raw[:8 + n // 2])
     with pytest.raises(ValueError, match=r"cut.safetensors: not a safetensors file \(header size \d+ in a file of"):
-        bert.load_safetensors(tmp_path / "cut.safetensors")
+        formats.load_safetensors(tmp_path / "cut.safetensors")
     (tmp_path / "garbled.safetensors").write_bytes(raw[:8] + b"{" * n + raw[8 + n:])
     with pytest.raises(ValueError, match="garbled.safetensors: the safetensors header is not valid JSON"):
-        bert.load_safetensors(tmp_path / "garbled.safetensors")
+        formats.load_safetensors(tmp_path / "garbled.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

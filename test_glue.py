@@ -1,6 +1,10 @@
-"""Tests of glue.py: the readers of the nine GLUE formats, fetching from the archives, dev splits, metrics."""
+"""Tests of glue.py: the readers of the nine GLUE formats, the shipped SST-2, fetching from the archives, dev splits,
+metrics."""
+import hashlib
 import http.server
 import io
+import lzma
+import re
 import socket
 import threading
 import zipfile
@@ -59,8 +63,9 @@ def test_mnli_train_format_and_both_dev_sets(tmp_path):
     write(tmp_path / "MNLI" / "train.tsv", [header, "0\t1\t1e\tgov\t(a)\t(b)\t(A)\t(B)\tIt is.\tIt was.\tentailment\tentailment"])
     for split in ("dev_matched", "dev_mismatched"):
         write(tmp_path / "MNLI" / f"{split}.tsv", FIXTURES["mnli"][1])
-    train, dev, non_standard = glue.load_task("mnli", tmp_path, fetch=False)
-    assert train == [("It is.", "It was.", 1)] and sorted(dev) == ["dev_matched", "dev_mismatched"] and not non_standard
+    data = glue.load_task("mnli", tmp_path, fetch=False)
+    assert data.train == [("It is.", "It was.", 1)] and sorted(data.dev) == ["dev_matched", "dev_mismatched"]
+    assert not data.non_standard and data.source == tmp_path / "MNLI"
 
 
 def test_malformed_rows_name_file_and_line(tmp_path):
@@ -73,6 +78,36 @@ def test_malformed_rows_name_file_and_line(tmp_path):
     path = write(tmp_path / "sts.tsv", [FIXTURES["stsb"][1][0], FIXTURES["stsb"][1][1].replace("4.250", "high")])
     with pytest.raises(ValueError, match=r"sts\.tsv:2: score 'high' is not a number"):
         glue.read_tsv(path, glue.TASKS["stsb"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the SST-2 that ships with the repository (data/)
+
+
+def test_shipped_sst2_is_the_glue_release_byte_for_byte():
+    """data/SST-2/*.tsv.xz decompress to the GLUE files whose digests data/README.md states, with its row counts."""
+    readme = (glue.SHIPPED / "README.md").read_text(encoding="utf-8")
+    for split, rows in (("train", 67349), ("dev", 872)):
+        raw = lzma.decompress((glue.SHIPPED / "SST-2" / f"{split}.tsv.xz").read_bytes())
+        digest = re.search(rf"`SST-2/{split}\.tsv\.xz`.*`([0-9a-f]{{64}})`", readme).group(1)
+        assert hashlib.sha256(raw).hexdigest() == digest
+        examples = glue.read_tsv(glue.SHIPPED / "SST-2" / f"{split}.tsv.xz", glue.TASKS["sst2"])
+        assert len(examples) == rows == raw.count(b"\n") - 1  # every line but the header is one example
+    assert examples[0] == ("it 's a charming and often affecting journey . ", None, 1)  # dev.tsv's first row
+
+
+def test_shipped_sst2_is_read_when_no_glue_folder_has_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./glue_data here
+    data = glue.load_task("sst2", fetch=False)
+    assert data.source == glue.SHIPPED / "SST-2" and len(data.train) == 67349 and len(data.dev["dev"]) == 872
+    assert list(tmp_path.iterdir()) == []  # nothing created
+    write(tmp_path / "mine" / "SST-2" / "train.tsv", ["sentence\tlabel", "a \t1"])  # a GLUE folder comes first
+    write(tmp_path / "mine" / "SST-2" / "dev.tsv", ["sentence\tlabel", "b \t0"])
+    data = glue.load_task("sst2", tmp_path / "mine", fetch=False)
+    assert data.source == tmp_path / "mine" / "SST-2" and data.train == [("a ", None, 1)]
+    with pytest.raises(FileNotFoundError, match="GLUE RTE not found"):  # other tasks are not shipped
+        glue.load_task("rte", tmp_path / "mine", fetch=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -101,11 +136,11 @@ def glue_server(tmp_path):
 def test_missing_task_is_fetched_from_the_archive(tmp_path, glue_server, monkeypatch, capsys):
     monkeypatch.setenv("GLUE_BASE_URL", glue_server)
     data = tmp_path / "data"
-    train, dev, _ = glue.load_task("wnli", data)
-    assert train == [("A b.", "A.", 1), ("C d.", "D.", 0)] and dev == {"dev": [("E f.", "E.", 1)]}
+    fetched = glue.load_task("wnli", data)
+    assert fetched.train == [("A b.", "A.", 1), ("C d.", "D.", 0)] and fetched.dev == {"dev": [("E f.", "E.", 1)]}
     assert sorted(p.name for p in data.iterdir()) == ["WNLI"]  # unzipped aside, renamed into place, nothing left over
     assert f"fetching {glue_server}/WNLI.zip" in capsys.readouterr().err
-    assert glue.load_task("wnli", data, fetch=False)[0] == train  # now local
+    assert glue.load_task("wnli", data, fetch=False).train == fetched.train  # now local
 
 
 def test_no_download_and_failed_fetch_say_where_and_how(tmp_path, monkeypatch):
@@ -116,8 +151,8 @@ def test_no_download_and_failed_fetch_say_where_and_how(tmp_path, monkeypatch):
         s.bind(("127.0.0.1", 0))
         monkeypatch.setenv("GLUE_BASE_URL", f"http://127.0.0.1:{s.getsockname()[1]}")
     with pytest.raises(FileNotFoundError, match=r"fetching http://127\.0\.0\.1:\d+/RTE\.zip failed .*Download RTE\.zip"):
-        glue.load_task("rte", tmp_path)
-    assert list(tmp_path.iterdir()) == []  # no partial download left behind
+        glue.load_task("rte", tmp_path / "new" / "glue")
+    assert list(tmp_path.iterdir()) == []  # no partial download, not even the folders it would have gone into
 
 
 def test_dev_split_is_deterministic_disjoint_and_marked(tmp_path):
@@ -125,10 +160,11 @@ def test_dev_split_is_deterministic_disjoint_and_marked(tmp_path):
     write(tmp_path / "QNLI" / "dev.tsv", rows)
     with pytest.raises(FileNotFoundError, match="--dev_split"):
         glue.load_task("qnli", tmp_path, fetch=False)
-    train, dev, non_standard = glue.load_task("qnli", tmp_path, dev_split=0.25, fetch=False)
+    data = glue.load_task("qnli", tmp_path, dev_split=0.25, fetch=False)
+    train, dev = data.train, data.dev
     torch.manual_seed(7)
     again = glue.load_task("qnli", tmp_path, dev_split=0.25, fetch=False)  # fixed seed 0, whatever the global RNG
-    assert non_standard and (train, dev) == again[:2]
+    assert data.non_standard and (train, dev) == (again.train, again.dev)
     assert len(train) == 15 and len(dev["dev"]) == 5 and not set(train) & set(dev["dev"])
     assert sorted(train + dev["dev"], key=lambda e: int(e[0][1:-1])) == glue.read_tsv(tmp_path / "QNLI" / "dev.tsv",
                                                                                      glue.TASKS["qnli"])

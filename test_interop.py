@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 
+import formats
 import lora2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded, ever
@@ -156,7 +157,7 @@ def test_safetensors_writer_is_read_by_the_safetensors_package(tmp_path):
         "scalar": torch.tensor(1.5),
     }
     path = tmp_path / "t.safetensors"
-    lora2.write_safetensors(tensors, path, metadata={"format": "pt"})
+    formats.write_safetensors(tensors, path, metadata={"format": "pt"})
     loaded = st.load_file(path)
     assert set(loaded) == set(tensors)
     for key, t in tensors.items():
@@ -165,11 +166,11 @@ def test_safetensors_writer_is_read_by_the_safetensors_package(tmp_path):
         assert f.metadata() == {"format": "pt"}
     assert len(path.read_bytes()[8:8 + int.from_bytes(path.read_bytes()[:8], "little")]) % 8 == 0  # padded header
 
-    lora2.write_safetensors({}, tmp_path / "empty.safetensors")  # no tensor at all
+    formats.write_safetensors({}, tmp_path / "empty.safetensors")  # no tensor at all
     assert st.load_file(tmp_path / "empty.safetensors") == {}
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
     with pytest.raises(ValueError, match=r"'c' has dtype torch.complex64, not one of"):
-        lora2.write_safetensors({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.safetensors")
+        formats.write_safetensors({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------------------ save_peft
@@ -214,7 +215,7 @@ def test_save_peft_loads_in_peft_with_the_same_outputs(arch, tmp_path):
     reference = run(model)
     assert (reference - run(base)).abs().max() > 1e-2
 
-    ranks = lora2.save_peft(model, tmp_path, base_model_name_or_path=f"tiny-{arch}")
+    ranks = formats.save_peft(model, tmp_path, base_model_name_or_path=f"tiny-{arch}")
     assert ranks == {n: r for n, r in expected.items() if r}
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["target_modules"] == sorted(ranks) and config["base_model_name_or_path"] == f"tiny-{arch}"
@@ -242,7 +243,7 @@ def test_pattern_keys_are_unambiguous_in_peft(tmp_path):
     with torch.no_grad():
         layers["bert.encoder.layer.0.attention.output.dense"].lambda_[1:] = 0  # rank 1
         layers["bert.encoder.layer.0.output.dense"].lambda_[2:] = 0  # rank 2
-    lora2.save_peft(model, tmp_path)
+    formats.save_peft(model, tmp_path)
     pattern = json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"]
     for name, _ in model.named_modules():
         if name.startswith(tuple(f"{n}." for n in layers)):
@@ -276,7 +277,7 @@ def test_save_peft_after_pruning_with_the_pruner(tmp_path):
     model.eval()
     ranks = {n: m.rank for n, m in lora2.lora2_modules(model).items()}
     assert sum(ranks.values()) == n_layers // 2 and 0 in ranks.values()
-    lora2.save_peft(model, tmp_path)
+    formats.save_peft(model, tmp_path)
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     assert lora_ranks(loaded, ranks) == {n: min(2, r) for n, r in ranks.items()}
     assert (run(loaded) - run(model)).abs().max() <= 1e-5
@@ -298,7 +299,7 @@ def test_bert_py_model_exports_to_peft_on_the_transformers_model(tmp_path):
     randomise(ours)
     randomise_head(ours, head)
     prune_by_hand(ours)
-    lora2.save_peft(ours, tmp_path)
+    formats.save_peft(ours, tmp_path)
     x = batch()
     with torch.no_grad():
         expected = ours(x["input_ids"], x["attention_mask"])  # logits (2, 3)
@@ -312,20 +313,20 @@ def test_save_peft_modules_to_save_and_errors(tmp_path):
     model, targets, head, _ = tiny("bert")
     lora2.inject(model, targets, r=2, k=2)
     with pytest.raises(ValueError, match="nothing to export: none of the model's 12 LoRA2Linear layers has a non-zero"):
-        lora2.save_peft(model, tmp_path / "zero")  # λ = 0 everywhere: every layer has rank 0
+        formats.save_peft(model, tmp_path / "zero")  # λ = 0 everywhere: every layer has rank 0
     assert not (tmp_path / "zero").exists()
     with pytest.raises(ValueError, match="none of the model's 0 LoRA2Linear layers"):
-        lora2.save_peft(torch.nn.Linear(2, 2).requires_grad_(False), tmp_path / "zero")
+        formats.save_peft(torch.nn.Linear(2, 2).requires_grad_(False), tmp_path / "zero")
     randomise(model)
 
-    lora2.save_peft(model, tmp_path / "a")
+    formats.save_peft(model, tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["bert.pooler.dense", "classifier"]  # inferred from what inject unfroze
     assert config["r"] == config["lora_alpha"] == 2 and config["peft_type"] == "LORA"
     key = "^" + re.escape("bert.encoder.layer.1.output.dense")
     assert config["rank_pattern"][key] == config["alpha_pattern"][key] == 2
 
-    lora2.save_peft(model, tmp_path / "b", modules_to_save=())
+    formats.save_peft(model, tmp_path / "b", modules_to_save=())
     assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["modules_to_save"] is None
     st = pytest.importorskip("safetensors.torch")
     keys_a = set(st.load_file(tmp_path / "a" / "adapter_model.safetensors"))
@@ -337,7 +338,7 @@ def test_save_peft_modules_to_save_and_errors(tmp_path):
     for bad in ("nope", "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.query.base",
                 "bert.encoder.layer.0", ""):
         with pytest.raises(ValueError, match=f"module to save {re.escape(repr(bad))} must be a named submodule"):
-            lora2.save_peft(model, tmp_path / "bad", modules_to_save=[bad])
+            formats.save_peft(model, tmp_path / "bad", modules_to_save=[bad])
 
 
 # ------------------------------------------------------------------------------------------------------- README example

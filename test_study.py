@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import bert
-import lora2
+import formats
 import train_glue
 from experiments import study
 
@@ -36,7 +36,7 @@ def tiny(tmp_path_factory):
     config = bert.tiny_config(vocab_size=len(vocab))
     (model_dir / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "model_type": "bert"}))
     torch.manual_seed(0)
-    lora2.write_safetensors(bert.BertModel(config).state_dict(), model_dir / "model.safetensors")
+    formats.write_safetensors(bert.BertModel(config).state_dict(), model_dir / "model.safetensors")
 
     rng = random.Random(0)
 
@@ -316,12 +316,12 @@ def test_verdicts_and_claims():
 
 def test_fp16_copy_is_the_float16_cast(tmp_path):
     a = np.random.default_rng(0).standard_normal((3, 5)).astype("<f4")
-    lora2.write_safetensors({"w": torch.from_numpy(a), "ids": torch.arange(4)}, tmp_path / "a.safetensors")
+    formats.write_safetensors({"w": torch.from_numpy(a), "ids": torch.arange(4)}, tmp_path / "a.safetensors")
     study.to_fp16(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
-    back = bert.load_safetensors(tmp_path / "b.safetensors")
+    back = formats.load_safetensors(tmp_path / "b.safetensors")
     assert back["w"].dtype == torch.float16 and torch.equal(back["w"], torch.from_numpy(a.astype(np.float16)))
     assert torch.equal(back["ids"], torch.arange(4))
-    lora2.write_safetensors({"big": torch.tensor([1e5])}, tmp_path / "big.safetensors")
+    formats.write_safetensors({"big": torch.tensor([1e5])}, tmp_path / "big.safetensors")
     with pytest.raises(ValueError, match="beyond float16's 65504"):
         study.to_fp16(tmp_path / "big.safetensors", tmp_path / "c.safetensors")
 

@@ -1,17 +1,42 @@
-"""The baselines of the GLUE study, plugged into train_glue.py's loop: PEFT's LoRA and AdaLoRA, and full fine-tuning.
+"""The GLUE study's baselines, trained like train_glue.py trains LoRA²: PEFT's LoRA and AdaLoRA, and full fine-tuning.
 
-    python train_glue.py --method lora      # PEFT LoRA of rank --r on the same six matrices (needs peft)
-    python train_glue.py --method adalora   # PEFT AdaLoRA at LoRA²'s budget and schedule (L7) (needs peft)
-    python train_glue.py --method full      # every weight trains (lr about 5e-5)
+    python experiments/baselines.py --method lora      # PEFT LoRA of rank --r on LoRA²'s six matrices (needs peft)
+    python experiments/baselines.py --method adalora   # PEFT AdaLoRA at LoRA²'s budget and schedule (L7) (needs peft)
+    python experiments/baselines.py --method full --lr 5e-5                # every weight trains
+    python experiments/baselines.py --method lora --eval_only --load runs/sst2-lora-s0/adapter.pt
 
-Each class has the interface of train_glue.LoRA2 (model, regularizer, after_step, budget, rank_pattern, final_phase,
-state_dict / load_state_dict, trained_state / load_trained_state, notes, export_peft), so the loop has no branch on the
-method. Not here: LoRA² itself (train_glue.py, lora2.py), the grid of runs (study.py).
+Every train_glue.py flag works here, with the same meaning and defaults (--preset paper, --save_every / --resume,
+--export_peft as PEFT's save_pretrained, torchrun); the LoRA²-only ones (--k, --init, --cross, --scored) change
+nothing. The run goes to runs/<task>-<method>-s<seed> and its metrics.json carries "method". The loop is
+train_glue.py's, each step in SPEC §4's order:
+    forward → loss = task (+ γ·R, AdaLoRA's regulariser) → backward → clip → optimizer.step → scheduler.step
+    → AdaLoRA's update_and_allocate(t), where LoRA² calls pruner.step(t) → zero_grad
+from train_glue.py's pieces (configuration, data, AdamW, evaluation, precision, --compile) and rundir.py's files. The
+best checkpoint is the best evaluation at AdaLoRA's final budget; LoRA and full fine-tuning prune nothing, so any
+evaluation may be it. Not here: LoRA² (train_glue.py, lora2.py), the grid of runs (study.py); --export_peft for full
+fine-tuning (there is no adapter to export).
 """
+import contextlib
+import dataclasses
+import functools
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 
-import lora2
-import rundir
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: train_glue.py, lora2.py, bert.py
+import bert  # noqa: E402
+import compiled  # noqa: E402
+import glue  # noqa: E402
+import lora2  # noqa: E402
+import rundir  # noqa: E402
+import train_glue  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the methods
 
 
 def _peft():
@@ -24,8 +49,8 @@ def _peft():
 
 class Baseline:
     """What the baselines share: no regulariser, no pruning, adapter.pt = every trainable tensor apart from the head
-    (plus PEFT's adapter buffers), the head as train_glue saves it."""
-    final_phase = 0  # nothing is pruned: any evaluation may be the best
+    (plus PEFT's adapter buffers), the head as train_glue.py saves it. steps=None builds one for evaluation only."""
+    final_phase = 0  # the first step the best checkpoint is chosen from: nothing is pruned, so any evaluation
 
     def __init__(self, model):
         self.model = model
@@ -42,7 +67,7 @@ class Baseline:
     def rank_pattern(self):
         return {}
 
-    def state_dict(self):
+    def state_dict(self):  # what train_state.pt keeps in LoRA²'s "pruner" slot
         return None
 
     def load_state_dict(self, state):
@@ -57,12 +82,6 @@ class Baseline:
 
     def load_trained_state(self, state):
         rundir.load_head(self.model, {**state["adapter"], **state["head"]})
-
-    def notes(self):
-        return {}, []
-
-    def export_peft(self, path, base):
-        self.model.save_pretrained(path)
 
 
 def _peft_model(model, config):
@@ -135,9 +154,195 @@ class Full(Baseline):
     """Full fine-tuning: every weight trains; "adapter" params are the whole backbone."""
 
     def __init__(self, model, cfg, targets, steps=None):
-        if cfg.export_peft:
-            raise ValueError("--export_peft needs an adapter method, not full fine-tuning")
         super().__init__(model.requires_grad_(True))
 
 
 METHODS = {"lora": LoRA, "adalora": AdaLoRA, "full": Full}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# configuration: train_glue.py's, and --method
+
+
+@dataclass
+class BaselineConfig(train_glue.Config):
+    method: str = train_glue._opt(None, "the baseline: PEFT LoRA, PEFT AdaLoRA, full fine-tuning (no default: "
+                                        "required)", tuple(METHODS))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.method is None:
+            raise ValueError(f"--method is required: one of {', '.join(METHODS)}")
+        if self.method == "full" and self.export_peft:
+            raise ValueError("--export_peft needs an adapter method, not full fine-tuning")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training
+
+
+def train(cfg, stop_at=None):
+    """Train per cfg (a BaselineConfig); return (summary dict as in metrics.json, model). stop_at: return early once
+    global_step reaches it, without the final evaluation (a stand-in for a killed run in tests)."""
+    rank, world, device, started = train_glue.setup_distributed(cfg.device)
+    try:
+        with rundir.claim(cfg) if rank == 0 else contextlib.nullcontext():  # the folder is this run's
+            return _train(cfg, rank, world, device, stop_at)
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg, rank, world, device, stop_at):
+    say = functools.partial(print, file=sys.stderr, flush=True) if rank == 0 else (lambda *a, **k: None)
+    out_dir = rundir.out_dir_of(cfg)
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch_size {cfg.batch_size} is the global batch; it must divide by {world} ranks")
+    if cfg.method != "full":
+        _peft()  # missing: said before anything loads
+    torch.manual_seed(cfg.seed)
+    cfg = dataclasses.replace(cfg, pooling=cfg.pooling or ("cls" if cfg.hf else "mean"))
+
+    # model: the backbone, checked before any data; the method wraps it once the steps are known (AdaLoRA's schedule)
+    backbone, tokenize, pad_id, targets = bert.load_classifier(
+        glue.TASKS[cfg.task].num_labels, cfg.model, cfg.hf, cfg.classifier_dropout, cfg.max_len, cfg.pooling,
+        cfg.dropout)
+
+    # data, and the run's length, precision and compilation
+    task, data, train_enc, train_y, dev_data = train_glue.load_run_data(cfg, rank, world, tokenize)
+    lengths = tuple(len(ids) for ids, _ in train_enc)
+    steps = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * (len(data.train) // cfg.batch_size))
+    precision, why_precision = train_glue.resolve_precision(cfg.precision, device)
+    use_compile, why_compile = compiled.resolve(cfg.compile, device, world, steps)
+    cfg = dataclasses.replace(cfg, steps=steps, epochs=None, precision=precision, compile=use_compile)
+    method = METHODS[cfg.method](backbone, cfg, targets, steps)
+    model = method.model.to(device)
+    counts = lora2.count_parameters(model)
+    say(f"{task.dir} ({data.source}): {len(data.train)} train, "
+        + ", ".join(f"{len(ex)} {s}" for s, ex in data.dev.items())
+        + (" (NON-STANDARD: train and eval are a split of dev.tsv)" if data.non_standard else "")
+        + f" | {cfg.method}: {counts['adapter']:,} adapter + {counts['head']:,} head parameters trainable"
+        + f" | {steps} steps of {cfg.batch_size} on {world}×{device.type}"
+        + f" | {precision} ({why_precision}), {'compiled' if use_compile else 'eager'} ({why_compile})")
+
+    optimizer, scheduler, params = train_glue.adamw(model, cfg, steps)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    # what a checkpoint carries (AdaLoRA's allocator in the pruner's place); --resume restores it
+    run = {"global_step": 0, "elapsed": 0.0, "best": None, "last_metrics": None}
+    state_path = out_dir / "train_state.pt"
+    if cfg.resume and state_path.exists():
+        run = rundir.load_train_state(state_path, cfg, method.load_trained_state, method, optimizer, scheduler,
+                                      device)
+        say(f"resumed from {state_path} at step {run['global_step']}")
+    if cfg.overwrite and rank == 0:
+        rundir.clear(out_dir)  # the previous run goes now, all checks passed
+
+    def device_step(batch, labels):
+        with train_glue.autocast(device, precision):
+            logits = train_glue.logits_of(net(**batch))               # (B / world, num_labels)
+        loss_task = glue.task_loss(logits, labels)
+        reg = method.regularizer()                                     # AdaLoRA's R, else None
+        (loss_task if reg is None else loss_task + cfg.gamma * reg).backward()  # loss = task (+ γ·R)
+        if cfg.clip:                                                   # 0: no clipping
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        optimizer.step()
+        return loss_task.detach(), None if reg is None else reg.detach()
+    step = compiled.step(device_step, model, optimizer, cfg) if use_compile else device_step
+    buckets = glue.length_buckets(cfg.max_len) if use_compile else None  # compiled: a few batch shapes
+
+    # the loop
+    model.train()
+    global_step = run["global_step"]
+    t0, start_step, loss_sum, reg_sum, n_sum = time.time(), global_step, 0.0, 0.0, 0
+    while global_step < steps:
+        if stop_at is not None and global_step >= stop_at:
+            return {"stopped_at": global_step}, model
+        index = glue.batch_index(global_step, lengths, cfg.batch_size, cfg.seed, cfg.length_groups)[rank::world]
+        batch, labels = glue.collate(train_enc, index, pad_id, device, buckets), glue.to_device(train_y[index], device)
+        loss_task, reg = step(batch, labels)  # forward → loss (+ γ·R) → backward → clip → optimizer.step
+        scheduler.step()
+        method.after_step(global_step)        # AdaLoRA: update_and_allocate(t), where LoRA² calls pruner.step(t)
+        optimizer.zero_grad(set_to_none=True)
+        global_step += 1
+
+        loss_sum, reg_sum, n_sum = loss_sum + loss_task, reg_sum + (0.0 if reg is None else reg), n_sum + 1
+        if global_step % cfg.log_every == 0 or global_step == steps:
+            rate = (global_step - start_step) / (time.time() - t0)
+            budget = method.budget(global_step - 1)
+            say(train_glue.progress(global_step, steps, float(loss_sum) / n_sum, float(reg_sum) / n_sum,
+                                    scheduler.get_last_lr()[0], "-" if budget is None else budget, rate,
+                                    cfg.batch_size))
+            loss_sum, reg_sum, n_sum = 0.0, 0.0, 0
+        if global_step == steps or (cfg.eval_every and global_step % cfg.eval_every == 0):
+            eval_start = time.time()
+            run["last_metrics"] = metrics = train_glue.evaluate(model, dev_data, task, pad_id, device, precision)
+            best, main = run["best"], task.metrics[0]
+            is_best = global_step >= method.final_phase and (best is None or metrics[main] > best["metrics"][main])
+            if is_best:  # AdaLoRA: the best evaluation at its final budget; the others: the best of all
+                run["best"] = {"step": global_step, "metrics": metrics, "state": method.trained_state()}
+                if rank == 0:
+                    rundir.save_adapter(out_dir / "adapter.pt", cfg, global_step, metrics, run["best"]["state"])
+            say(f"eval at step {global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                + (" (best)" if is_best else ""))
+            t0 += time.time() - eval_start  # evaluation time is not training time
+        if cfg.save_every and rank == 0 and (global_step % cfg.save_every == 0 or global_step == steps):
+            rundir.save_train_state(state_path, cfg, method.trained_state(), method, optimizer, scheduler, device,
+                                    {**run, "global_step": global_step,
+                                     "elapsed": run["elapsed"] + time.time() - t0})
+    run["elapsed"] += time.time() - t0
+
+    # the report: the best checkpoint's metrics, its rank pattern, --export_peft through PEFT's save_pretrained
+    method.load_trained_state(run["best"]["state"])
+    facts = dict(non_standard=data.non_standard, steps=steps, world=world, device=device.type,
+                 train_size=len(data.train), eval_size={s: len(ex) for s, ex in data.dev.items()})
+    summary = rundir.report(cfg, counts, run, facts, out_dir if rank == 0 else None, method.rank_pattern(),
+                            export=lambda path, base: model.save_pretrained(path))
+    return summary, model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --eval_only, and the command line
+
+
+def evaluate_checkpoint(cfg):
+    """--eval_only --load PATH: rebuild the saved run's model and method, load adapter + head, evaluate on the same
+    data."""
+    method = rundir.load_checkpoint(cfg.load, "adapter")["config"].get("method", "lora2")
+    if method not in METHODS:
+        raise ValueError(f"{cfg.load} is a LoRA² run; evaluate it with python train_glue.py --eval_only --load "
+                         f"{cfg.load}")
+    if method != cfg.method:
+        raise ValueError(f"{cfg.load} is a --method {method} run; pass --method {method}")
+    ck, saved = rundir.load_adapter(cfg)
+    _, _, device, _ = train_glue.setup_distributed(saved.device)
+    task = glue.TASKS[saved.task]
+    backbone, tokenize, pad_id, targets = bert.load_classifier(  # pooling None: from before --pooling
+        task.num_labels, saved.model, saved.hf, saved.classifier_dropout, saved.max_len, saved.pooling or "cls",
+        saved.dropout)
+    method = METHODS[saved.method](backbone, saved, targets)
+    rundir.load_trained(method.load_trained_state, ck, cfg.load)
+    model = method.model.to(device)
+    dev = glue.load(saved.task, saved.data_dir, saved.dev_split, saved.train_size, saved.eval_size,
+                    fetch=not saved.no_download).dev
+    dev_data = {s: glue.encode(tokenize, ex, saved.max_len) for s, ex in dev.items()}
+    precision = train_glue.resolve_precision(saved.precision, device)[0]
+    metrics = train_glue.evaluate(model, dev_data, task, pad_id, device, precision)
+    print(f"{task.dir} {saved.method} (step {ck['step']} of {cfg.load}): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+def main(argv=None):
+    try:
+        cfg = train_glue.parse_config(argv, config=BaselineConfig, description=__doc__.split("\n\n")[0])
+        if cfg.eval_only:
+            evaluate_checkpoint(cfg)
+        else:
+            train(cfg)
+    except (ValueError, ImportError, OSError) as e:  # user mistakes, bad files, full disks: one line
+        sys.exit(f"baselines.py: error: {' '.join(str(e).split())}")
+
+
+if __name__ == "__main__":
+    main()

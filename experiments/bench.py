@@ -1,42 +1,31 @@
-"""What LoRA² costs per step and in memory, against LoRA, AdaLoRA and the authors' formulation (issue 4).
+"""What LoRA² costs per step: the whole training step eager and compiled, one layer, merged layers, end to end.
 
-Settings (pick with --only; each prints one markdown table):
-  model   one training step (forward, backward, AdamW step, zero_grad) of a 12-layer 768-wide BERT encoder
-          (transformers' BertModel from a BertConfig, random weights, no download) with a 2-class head on [CLS],
-          batch 32 × 128 tokens, bf16 autocast, adapters on query, key, value, attention.output.dense,
-          intermediate.dense, output.dense (72 matrices): PEFT LoRA r=8 | a minimal reference LoRA | LoRA² k=r=8 |
-          LoRA² + Pruner.step every step | PEFT AdaLoRA + update_and_allocate every step | LoRA² + pruner + γ·R.
-          Both pruners are in their cubic phase and mask at every step (t_i = 0, mask_interval = deltaT = 1).
-          All variants stay resident and are stepped in interleaved rounds, so drifting host speed hits all alike.
-          The pruners are also timed alone (device synchronised before and after the call), their host-device
-          synchronisations are counted with their call sites, and their score state is counted in bytes (every tensor
-          the pruner object holds that is not a model parameter, buffer or grad). --profile adds kernel launches and
-          GPU kernel time per step (torch.profiler) and writes the profiler tables.
-  layer   one adapted layer, forward + backward (input requires grad, frozen fp32 base, bf16 autocast on CUDA):
-          LoRA2Linear | PEFT's LoRA Linear | a minimal reference LoRA (below) | the authors' formulation (below).
-          CUDA: d_in = d_out = 4096 with 16,384 tokens, and 768 with 4,096 tokens. CPU: fp32, 768 with 2,048 tokens.
-  merged  merged LoRA2Linear (after .merge()) against the bare nn.Linear, inference under no_grad.
-  step    the whole training step exactly as train_glue.py runs it (issue 11), eager and compiled (compiled.py:
-          torch.compile of the pieces, the step replayed from CUDA graphs), for LoRA² (+ γ·R + Pruner.step), the
-          minimal LoRA and PEFT LoRA, on bert.py's BERT with the packaged MiniLM's shape at 32 × 64 tokens and
-          BERT-base's at 32 × 128 (random weights); plus LoRA² as CUDA graphs of its eager kernels (--backend none).
+Settings (pick with --only; each prints markdown tables):
+  step    the whole training step exactly as train_glue.py runs it, for LoRA² (+ γ·R + Pruner.step), the minimal
+          LoRA r=8 (ReferenceLoRA below) and PEFT LoRA r=8, on bert.py's BERT with the packaged MiniLM's shape at
+          32 × 64 tokens and BERT-base's at 32 × 128 (random weights). CUDA: bf16 autocast, eager and compiled
+          (compiled.py: the grouped fast path, torch.compile, the step replayed from CUDA graphs), plus LoRA² as
+          CUDA graphs of its eager kernels (backend none). CPU: eager, fp32 (train_glue.py's arithmetic before
+          --precision) and bf16 autocast (its default on CPUs with bf16 instructions).
           Per step: wall ms (device synchronised before and after), GPU kernel ms, host launches (kernels, graphs,
-          copies) and GPU kernels (torch.profiler over 10 steps, one of them masking), host synchronisations.
-  e2e     train_glue.py end to end on SST-2 (MiniLM, batch 32): sustained steps/s, warm-up, dev accuracy, per seed.
+          copies) and GPU kernels (torch.profiler over 10 steps, one of them masking), host synchronisations, and
+          the time to build the row and run its first steps (compiling, capturing).
+  e2e     train_glue.py end to end on SST-2: its default run and a 600-step run, eager and compiled: process wall,
+          sustained steps/s, warm-up, dev accuracy.
+  layer   one adapted layer, forward + backward (input requires grad, frozen base): LoRA2Linear | PEFT's LoRA
+          Linear | the minimal reference LoRA | the authors' formulation (their dense ΔW, AuthorsLoRA2 below).
+          CUDA: bf16 autocast, d_in = d_out = 4096 with 16,384 tokens and 768 with 4,096. CPU: fp32, 768 with 2,048.
+  merged  merged LoRA2Linear (after .merge()) against the bare nn.Linear, inference under no_grad.
 
-Timing: medians after warm-up; on CUDA with CUDA events, the device synchronised after each timed run. Variants are
-timed in interleaved rounds. A run of the layer settings is a block of `inner` back-to-back calls (launch overhead
-counts as it would in a model). Memory (CUDA only): torch.cuda.max_memory_allocated; for a layer, "extra" is the
-peak minus what was allocated before the call (activations, gradients, temporaries); for the model, the peak minus
-what was allocated before the variant was built. On the CPU only time is reported (no allocator peak there).
+Timing: medians after warm-up; on CUDA with CUDA events, the device synchronised after each timed run. Variants stay
+resident and are timed in interleaved rounds, so a host that speeds up or slows down hits all of them alike.
+Memory (CUDA only, layer setting): torch.cuda.max_memory_allocated; "extra" is the peak minus what was allocated
+before the call.
 
-    python experiments/bench.py        # CUDA: model, layer, merged; CPU: layer, merged (the CPU table)
-    python experiments/bench.py --device cpu  # the CPU table
-    python experiments/bench.py --quick       # smoke run with tiny shapes
-    python experiments/bench.py --only model --fused --json out/bench.json --profile out/profile.txt
-    python experiments/bench.py --only step,e2e --json out/step.json     # issue 11: eager vs compiled
-    python experiments/bench.py --only step --shapes bert-base --json out/step-base.json  # one shape
-    python experiments/bench.py --only step --quick --device cpu         # smoke run of the step setting
+    python3 experiments/bench.py --only step,e2e --json experiments/bench-h200.json   # on the GPU machine
+    python experiments/bench.py --device cpu --json experiments/bench-cpu.json         # layer, merged, step
+    python experiments/bench.py --report        # experiments/BENCHMARKS.md from the committed bench-*.json
+    python experiments/bench.py --quick --only step --device cpu                        # a smoke run, tiny shapes
 """
 import argparse
 import copy
@@ -55,57 +44,38 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: lora2.py
 import bert  # noqa: E402
+import formats  # noqa: E402
 import lora2  # noqa: E402
 
-TARGETS = list(bert.TARGETS)  # a list, as PEFT wants it
-SETTINGS = ("model", "layer", "merged", "step", "e2e")
+SETTINGS = ("step", "e2e", "layer", "merged")
 
 
 @dataclass
 class BenchConfig:
-    # whole model
-    layers: int = 12
-    hidden: int = 768
-    heads: int = 12
-    intermediate: int = 3072
-    vocab: int = 30522
-    batch: int = 32
-    seq: int = 128
-    model_warmup: int = 5  # steps before timing
-    model_steps: int = 30  # timed rounds (median); a round steps every variant once
-    hook_steps: int = 10  # extra steps in which the pruner call alone is timed
-    # one layer
+    step_warmup: int = 6  # steps of each row before timing (compiled: compiles, 2 eager steps, the capture)
+    step_rounds: int = 30  # timed rounds (median); a round steps every row once
     layer_shapes: tuple = ((4096, 16384), (768, 4096))  # (d, tokens)
     layer_warmup: int = 3  # rounds before timing
     layer_reps: int = 15  # timed rounds (median); a round times one block of every variant
     inner: int = 10  # calls per block
-    # adapters
-    r: int = 8
+    r: int = 8  # adapters: LoRA r, LoRA² r = k
     k: int = 8
     alpha: int = 16
-    target_rank: int = 4  # pruners prune towards r/2, so every step of the benchmark is in the cubic phase
-    total_steps: int = 10_000
-    final_warmup: int = 1_000
-    fused_adamw: bool = False  # AdamW(fused=True) for every variant instead of torch's default (foreach on CUDA)
 
 
 def config_for(device, quick):
     if device.type == "cpu":
-        cfg = BenchConfig(layer_shapes=((768, 2048),), layer_warmup=3, layer_reps=21, inner=1,
-                          model_warmup=2, model_steps=5, hook_steps=5)
+        cfg = BenchConfig(layer_shapes=((768, 2048),), layer_warmup=3, layer_reps=21, inner=1, step_warmup=3,
+                          step_rounds=10)
     else:
         cfg = BenchConfig()
     if quick:
-        cfg.layers, cfg.hidden, cfg.heads, cfg.intermediate, cfg.vocab = 2, 64, 2, 128, 1000
-        cfg.batch, cfg.seq = 4, 16
-        cfg.model_warmup, cfg.model_steps, cfg.hook_steps = 1, 3, 2
-        cfg.layer_shapes = ((128, 256),)
-        cfg.layer_warmup, cfg.layer_reps, cfg.inner = 1, 3, 2
+        cfg.layer_shapes, cfg.layer_warmup, cfg.layer_reps, cfg.inner = ((128, 256),), 1, 3, 2
+        cfg.step_warmup, cfg.step_rounds = 3, 3
     return cfg
 
 
@@ -180,36 +150,6 @@ def count_syncs(fn, device):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return len(sites), sorted(set(sites))
-
-
-def state_bytes(obj, model):
-    """Bytes of the tensors `obj` holds (walking its attributes, dicts and lists), not counting the model's own
-    parameters, buffers and gradients, nor modules it refers to; each storage counted once."""
-    owned = {t.untyped_storage().data_ptr() for t in model.parameters()}
-    owned |= {p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
-    owned |= {t.untyped_storage().data_ptr() for t in model.buffers()}
-    seen, total = set(), 0
-
-    def walk(o, depth):
-        nonlocal total
-        if isinstance(o, torch.Tensor):
-            ptr = o.untyped_storage().data_ptr()
-            if ptr not in owned and ptr not in seen:
-                seen.add(ptr)
-                total += o.untyped_storage().nbytes()
-        elif isinstance(o, nn.Module) or depth > 4:
-            return
-        elif isinstance(o, dict):
-            for v in o.values():
-                walk(v, depth + 1)
-        elif isinstance(o, (list, tuple, set)):
-            for v in o:
-                walk(v, depth + 1)
-        elif hasattr(o, "__dict__") and not isinstance(o, type):
-            walk(vars(o), depth + 1)
-
-    walk(obj, 0)
-    return total
 
 
 def autocast(device):
@@ -419,168 +359,6 @@ def bench_merged(device, cfg, args):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the whole model
-
-
-class Case:
-    """One variant of the whole-model benchmark: a BERT encoder with adapters, a head, AdamW, and an optional
-    per-step hook (the pruner), stepped in SPEC §4's order."""
-
-    def __init__(self, name, encoder, head, hook=None, hook_state=None, gamma=0.0, fused=False):
-        self.name, self.encoder, self.head, self.hook, self.hook_state, self.gamma = (
-            name, encoder, head, hook, hook_state, gamma)
-        self.params = [p for p in list(encoder.parameters()) + list(head.parameters()) if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=1e-4, **({"fused": True} if fused else {}))
-        self.global_step = 1  # t_i = 0: from step 1 on, every pruner call is in the cubic phase and masks
-
-    def step(self, batch, hook_call=None):
-        ids, mask, labels = batch
-        with autocast(ids.device):
-            h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, hidden)
-            loss = F.cross_entropy(self.head(h[:, 0]).float(), labels)
-            if self.gamma:
-                loss = loss + self.gamma * lora2.orthogonal_regularizer(self.encoder)
-        loss.backward()
-        self.opt.step()
-        if self.hook is not None:
-            (hook_call or (lambda f: f()))(lambda: self.hook(self.global_step))
-        self.opt.zero_grad(set_to_none=True)
-        self.global_step += 1
-
-
-def build_encoder(cfg, device):
-    from transformers import BertConfig, BertModel
-
-    config = BertConfig(vocab_size=cfg.vocab, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
-                        num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate)
-    torch.manual_seed(0)
-    with torch.device(device):
-        encoder = BertModel(config, add_pooling_layer=False)
-    encoder.train()
-    head = nn.Linear(cfg.hidden, 2, device=device)
-    return encoder, head
-
-
-def make_case(kind, cfg, device):
-    encoder, head = build_encoder(cfg, device)
-    if kind == "peft_lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(encoder, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0,
-                                                   target_modules=TARGETS))
-        return Case("PEFT LoRA r=8", model, head, fused=cfg.fused_adamw)
-    if kind == "adalora":
-        from peft import AdaLoraConfig, get_peft_model
-
-        model = get_peft_model(encoder, AdaLoraConfig(
-            init_r=cfg.r, target_r=cfg.target_rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=TARGETS,
-            tinit=0, tfinal=cfg.final_warmup, deltaT=1, total_step=cfg.total_steps, beta1=0.85, beta2=0.85))
-        return Case("PEFT AdaLoRA + update_and_allocate", model, head,
-                    hook=model.base_model.update_and_allocate, hook_state=model.base_model.rankallocator,
-                    fused=cfg.fused_adamw)
-    if kind == "reference_lora":
-        encoder.requires_grad_(False)
-        for name, module in list(encoder.named_modules()):
-            if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in TARGETS):
-                parent, _, attr = name.rpartition(".")
-                setattr(encoder.get_submodule(parent), attr, ReferenceLoRA(module, cfg.r, cfg.alpha))
-        return Case("reference LoRA r=8 (info)", encoder, head, fused=cfg.fused_adamw)
-    lora2.inject(encoder, TARGETS, r=cfg.r, k=cfg.k, alpha=cfg.alpha, trainable=())
-    if kind == "lora2":
-        return Case("LoRA² k=r=8", encoder, head, fused=cfg.fused_adamw)
-    pruner = lora2.Pruner(encoder, target_rank=cfg.target_rank, total_steps=cfg.total_steps, init_warmup=0,
-                          final_warmup=cfg.final_warmup, mask_interval=1)
-    if kind == "lora2_pruner":
-        return Case("LoRA² + Pruner.step", encoder, head, hook=pruner.step, hook_state=pruner, fused=cfg.fused_adamw)
-    if kind == "lora2_pruner_reg":
-        return Case("LoRA² + Pruner.step + γ·R (info)", encoder, head, hook=pruner.step, hook_state=pruner,
-                    gamma=0.1, fused=cfg.fused_adamw)
-    raise ValueError(f"unknown case {kind!r}")
-
-
-def profile_run(fn, device, title):
-    """(torch.profiler table of one call of fn, CUDA kernel launches it made; None off CUDA)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync(device)
-    with profile(activities=activities) as prof:
-        fn()
-        sync(device)
-    events = prof.key_averages()
-    launches = device_ms = None
-    if device.type == "cuda":
-        launches = sum(e.count for e in events if "LaunchKernel" in e.key)
-        device_ms = sum(e.self_device_time_total for e in events) / 1e3  # time the GPU spent in kernels
-    tables = [events.table(sort_by="self_cpu_time_total", row_limit=20)]
-    if device.type == "cuda":
-        tables.append(events.table(sort_by="self_device_time_total", row_limit=12))
-    return f"## {title} (kernel launches: {launches})\n" + "\n".join(tables) + "\n", launches, device_ms
-
-
-def bench_model(device, cfg, args, kinds=None, cases=None):
-    """Build every variant (all stay resident), then time them in interleaved rounds: round i steps each variant
-    once, so drifting host speed hits all variants alike. `cases` adds ready-made Case objects (experiments)."""
-    missing = [reason for reason in (optional("transformers")[1], optional("peft")[1]) if reason]
-    if optional("transformers")[1]:
-        return dict(skipped=missing)
-    kinds = kinds or ["peft_lora", "reference_lora", "lora2", "lora2_pruner", "adalora", "lora2_pruner_reg"]
-    if optional("peft")[1]:
-        kinds = [k for k in kinds if not k.startswith(("peft", "adalora"))]
-    torch.manual_seed(2)
-    batch = (torch.randint(1, cfg.vocab, (cfg.batch, cfg.seq), device=device),
-             torch.ones(cfg.batch, cfg.seq, dtype=torch.long, device=device),
-             torch.randint(0, 2, (cfg.batch,), device=device))
-    built, rows = [], {}
-    for make in [lambda kind=kind: make_case(kind, cfg, device) for kind in kinds] + [lambda c=c: c for c in cases or []]:
-        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-        case = make()
-        log(f"model: {case.name}")
-        for _ in range(cfg.model_warmup):
-            case.step(batch)
-        peak, _ = peak_memory(lambda: case.step(batch), device)  # this variant's weights, state and activations
-        rows[case.name] = dict(name=case.name, peak=None if peak is None else peak - before,
-                               trainable=sum(p.numel() for p in case.params), times=[], hook_times=[])
-        built.append(case)
-    log(f"model: {cfg.model_steps} interleaved rounds")
-    for _ in range(cfg.model_steps):
-        for case in built:
-            rows[case.name]["times"].append(time_once(lambda: case.step(batch), device))
-    hooked = [case for case in built if case.hook is not None]
-    for _ in range(cfg.hook_steps):
-        for case in hooked:
-            case.step(batch, hook_call=lambda f, row=rows[case.name]: row["hook_times"].append(time_once(f, device)))
-    count_syncs(lambda: None, device)  # the first switch of the debug mode reports one sync of its own
-    for case in hooked:
-        row = rows[case.name]
-        case.step(batch, hook_call=lambda f, row=row: row.update(zip(("syncs", "sync_sites"), count_syncs(f, device))))
-        row["score_bytes"] = state_bytes(case.hook_state, case.encoder)
-        if hasattr(case.hook_state, "stats"):
-            row["pruner_stats"] = case.hook_state.stats()
-    profiles = []
-    if args.profile:
-        for case in built:
-            text, rows[case.name]["launches"], rows[case.name]["kernel_ms"] = profile_run(
-                lambda: case.step(batch), device, f"{case.name}: whole step")
-            profiles.append(text)
-            if case.hook is not None:
-                out = []
-                case.step(batch, hook_call=lambda f: out.append(profile_run(f, device, f"{case.name}: hook alone")))
-                profiles.append(out[0][0])
-                rows[case.name]["hook_launches"] = out[0][1]
-    for row in rows.values():
-        row["step_ms"] = statistics.median(row["times"])
-        row["step_q1"], _, row["step_q3"] = statistics.quantiles(row["times"], n=4)
-        if row["hook_times"]:
-            row["hook_ms"] = statistics.median(row["hook_times"])
-    del built
-    free(device)
-    return dict(rows=list(rows.values()), profiles=profiles, note=missing or None,
-                shape=dict(layers=cfg.layers, hidden=cfg.hidden, batch=cfg.batch, seq=cfg.seq,
-                           optimizer="AdamW(fused=True)" if cfg.fused_adamw else "AdamW (torch's default: foreach)"))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # the whole training step as train_glue.py runs it, eager and compiled (issue 11)
 
 STEP_NAMES = {"lora2": "LoRA² k=r=8 + γ·R + Pruner", "reference_lora": "minimal LoRA r=8", "peft_lora": "PEFT LoRA r=8"}
@@ -602,34 +380,27 @@ def step_shapes(args):
     return shapes
 
 
-class MinimalLoRA:
-    """The method interface of train_glue.py for the minimal LoRA (ReferenceLoRA on the same six matrices)."""
-
-    def __init__(self, model, cfg, targets):
-        model.requires_grad_(False)
-        for name, module in list(model.named_modules()):
-            if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
-                parent, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent), attr, ReferenceLoRA(module, cfg.r, cfg.alpha))
-        for name, p in model.named_parameters():
-            p.requires_grad_(p.requires_grad or bool(set(name.split(".")) & set(lora2.HEAD)))
-        self.model = model
-
-    def regularizer(self):
-        return None
-
-    def after_step(self, t):
-        pass
+def minimal_lora(model, r, alpha, targets):
+    """ReferenceLoRA on the target matrices of `model`, the rest frozen but the head (lora2.HEAD)."""
+    model.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, ReferenceLoRA(module, r, alpha))
+    for name, p in model.named_parameters():
+        p.requires_grad_(p.requires_grad or bool(set(name.split(".")) & set(lora2.HEAD)))
+    return model
 
 
 class TrainStep:
     """One row of the step setting: bert.py's classifier (random weights) with `kind` on the six matrices of every
     layer, stepped as train_glue.py steps: forward, loss + γ·R, backward, clip, AdamW (fused), the linear schedule,
-    the method's after_step (LoRA²: Pruner.step, scoring every step, masking every 10th: t_i = 0, cubic phase),
-    zero_grad. backend None: eager; else through compiled.py (torch.compile of the pieces with `backend`, "none" for
-    no torch.compile, and on CUDA the step replayed from a CUDA graph), exactly as train_glue.py --compile."""
+    for LoRA² Pruner.step (scoring every step, masking every 10th: t_i = 0, cubic phase), zero_grad; in `precision`
+    (bf16 autocast or fp32, train_glue's --precision). backend None: eager; else through compiled.py (the grouped fast
+    path, torch.compile with `backend`, "none" for no torch.compile, and on CUDA the step replayed from a CUDA graph),
+    exactly as train_glue.py --compile."""
 
-    def __init__(self, kind, config, device, backend=None):
+    def __init__(self, kind, config, device, backend=None, precision="bf16"):
         import compiled
         import glue
         import train_glue
@@ -637,48 +408,51 @@ class TrainStep:
         torch.manual_seed(0)
         cfg = train_glue.Config(r=8, k=8, alpha=16, target_rank=4, steps=10_000, init_warmup=0.0, final_warmup=0.3,
                                 mask_interval=10, gamma=0.1, lr=1e-4, compile=backend is not None,
-                                compile_backend=backend or "none", device=device.type)
+                                compile_backend=backend or "none", device=device.type, precision=precision)
         model = bert.BertForSequenceClassification(config, 2)
+        self.pruner = None
         if kind == "lora2":
-            method = train_glue.LoRA2(model, cfg, bert.TARGETS, cfg.steps)
+            lora2.inject(model, bert.TARGETS, r=cfg.r, k=cfg.k, alpha=cfg.alpha, init=cfg.init)
         elif kind == "peft_lora":
-            from experiments import baselines
+            from peft import LoraConfig, get_peft_model
 
-            method = baselines.LoRA(model, cfg, bert.TARGETS, cfg.steps)
-            for name, p in method.model.named_parameters():
+            model = get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0,
+                                                     target_modules=list(bert.TARGETS)))
+            for name, p in model.named_parameters():
+                if set(name.split(".")) & set(lora2.HEAD):
+                    p.requires_grad_(True)
                 if ".lora_B." in name:
                     nn.init.normal_(p, std=0.02)  # B = 0 at init; time non-zero data
         else:
-            method = MinimalLoRA(model, cfg, bert.TARGETS)
-        self.name = STEP_NAMES[kind] + ("" if backend is None else f", compiled ({backend})")
-        self.kind, self.backend, self.method, self.t = kind, backend, method, 1
-        self.model = model = method.model.to(device).train()
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        no_decay = [p for n, p in params if n.endswith("bias") or "LayerNorm" in n]
-        decay = [p for n, p in params if not (n.endswith("bias") or "LayerNorm" in n)]
-        self.params = [p for _, p in params]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                                            {"params": no_decay, "weight_decay": 0.0}],
-                                           **compiled.adamw_options(cfg, device))
+            model = minimal_lora(model, cfg.r, cfg.alpha, bert.TARGETS)
+        self.name = STEP_NAMES[kind] + ("" if backend is None else f", compiled ({backend})") + (
+            "" if device.type == "cuda" else f", {precision}")
+        self.kind, self.backend, self.precision, self.t = kind, backend, precision, 1
+        self.model = model = model.to(device).train()
+        if kind == "lora2":
+            self.pruner = lora2.Pruner(model, cfg.target_rank, cfg.steps, 0, round(cfg.final_warmup * cfg.steps),
+                                       cfg.mask_interval)
+        self.optimizer, self.scheduler, self.params = train_glue.adamw(model, cfg, cfg.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda t: min(1.0, (t + 1) / 600))
 
-        def device_step(batch, labels):  # train_glue.py's, line for line
-            with autocast(device):
+        def device_step(batch, labels, regularizer=lora2.orthogonal_regularizer):  # train_glue.py's, line for line
+            with train_glue.autocast(device, precision):
                 logits = train_glue.logits_of(self.model(**batch))
             loss_task = glue.task_loss(logits, labels)
-            reg = method.regularizer()
-            loss = loss_task if reg is None else loss_task + cfg.gamma * reg
-            loss.backward()
+            reg = regularizer(self.model, cross=cfg.cross) if kind == "lora2" else torch.zeros((), device=device)
+            (loss_task + cfg.gamma * reg).backward()
             torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
             self.optimizer.step()
-            return loss_task.detach(), None if reg is None else reg.detach()
+            return loss_task.detach(), reg.detach()
 
-        self.run = device_step if backend is None else compiled.step(device_step, model, method, self.optimizer, cfg)
+        self.run = device_step if backend is None else compiled.step(device_step, model, self.optimizer, cfg,
+                                                                     self.pruner)
 
     def step(self, batch, labels):
         self.run(batch, labels)
         self.scheduler.step()
-        self.method.after_step(self.t)
+        if self.pruner is not None:
+            self.pruner.step(self.t)
         self.optimizer.zero_grad(set_to_none=True)
         self.t += 1
 
@@ -725,12 +499,16 @@ def bench_step(device, cfg, args):
     as CUDA graphs of its eager kernels), all resident, timed in interleaved rounds; then launches, GPU time and
     host syncs per step. --budget_s: compiled rows not built once the setting has run that long (reported)."""
     _, peft_missing = optional("peft")
-    backend = args.backend or ("inductor" if device.type == "cuda" else "aot_eager")
     kinds = [k for k in STEP_NAMES if not (k == "peft_lora" and peft_missing)]
-    plan = [(k, None) for k in kinds] + [(k, backend) for k in kinds]
-    if device.type == "cuda" and backend != "none":
-        plan.append(("lora2", "none"))
-    warmup, rounds = (3, 3) if args.quick else (6, cfg.model_steps)
+    if device.type == "cuda":  # eager and compiled, bf16 autocast (train_glue.py's precision on CUDA)
+        backend = args.backend or "inductor"
+        plan = [(k, None, "bf16") for k in kinds] + [(k, backend, "bf16") for k in ("lora2", "reference_lora")]
+        plan += [("lora2", "none", "bf16")] if backend != "none" else []
+    else:  # the CPU: fp32 (the default before --precision) and bf16 autocast, eager; compiled only if asked
+        plan = [(k, None, precision) for precision in ("fp32", "bf16") for k in kinds]
+        plan += [(k, args.backend, "bf16") for k in kinds] if args.backend else []
+    warmup, rounds = cfg.step_warmup, cfg.step_rounds
+    startup = warm_compiler(device, plan)
     started, results = time.perf_counter(), []
     for label, (config, batch_size, tokens) in step_shapes(args).items():
         torch.manual_seed(2)
@@ -739,24 +517,25 @@ def bench_step(device, cfg, args):
                  "token_type_ids": torch.zeros(batch_size, tokens, dtype=torch.long, device=device)}
         labels = torch.randint(0, 2, (batch_size,), device=device)
         built, rows, skipped = [], {}, []
-        for kind, be in plan:
+        for kind, be, precision in plan:
             if be is not None and args.budget_s and time.perf_counter() - started > args.budget_s:
                 skipped.append(f"{STEP_NAMES[kind]} ({be}): over --budget_s")
                 continue
-            log(f"step {label}: {STEP_NAMES[kind]}, {'eager' if be is None else be}")
+            log(f"step {label}: {STEP_NAMES[kind]}, {'eager' if be is None else be}, {precision}")
             t0 = time.perf_counter()
             try:
-                case = TrainStep(kind, config, device, be)
+                case = TrainStep(kind, config, device, be, precision)
                 for _ in range(warmup):  # compiled: compiles, 2 eager warm-up steps, the capture
                     case.step(batch, labels)
                 sync(device)
             except Exception as e:  # a variant that fails is reported, the others still run
                 traceback.print_exc()
-                skipped.append(f"{STEP_NAMES[kind]} ({be or 'eager'}): {type(e).__name__}: {str(e)[:200]}")
+                skipped.append(f"{STEP_NAMES[kind]} ({be or 'eager'}, {precision}): {type(e).__name__}: "
+                               f"{str(e)[:200]}")
                 free(device)
                 continue
-            rows[case.name] = dict(name=case.name, kind=kind, backend=be, warmup_s=time.perf_counter() - t0,
-                                   times=[], trainable=sum(p.numel() for p in case.params))
+            rows[case.name] = dict(name=case.name, kind=kind, backend=be, precision=precision, times=[],
+                                   warmup_s=time.perf_counter() - t0, trainable=sum(p.numel() for p in case.params))
             built.append(case)
         log(f"step {label}: {rounds} interleaved rounds")
         for _ in range(rounds):
@@ -775,7 +554,8 @@ def bench_step(device, cfg, args):
             row["step_q1"], _, row["step_q3"] = statistics.quantiles(row["times"], n=4) if len(row["times"]) > 1 \
                 else (row["step_ms"],) * 3
         results.append(dict(shape=label, batch=batch_size, tokens=tokens, layers=config.num_hidden_layers,
-                            hidden=config.hidden_size, rows=list(rows.values()), skipped=skipped))
+                            hidden=config.hidden_size, rows=list(rows.values()), skipped=skipped,
+                            compiler_startup_s=startup))
         print("\n" + report_step(results[-1:], device), flush=True)  # each shape as soon as it is measured
         if args.json:
             write_atomic(args.json + ".partial", json.dumps(results, indent=1, default=str))
@@ -785,48 +565,63 @@ def bench_step(device, cfg, args):
     return results
 
 
+def warm_compiler(device, plan):
+    """Seconds to compile and run a tiny function forward and backward with each backend of `plan` before any row is
+    built: the compiler's one-time start (imports, worker processes), which would otherwise land on the first
+    compiled row's build + warm-up time; a fresh train_glue.py pays it once (the e2e setting's warm-up includes it)."""
+    t0 = time.perf_counter()
+    for backend in sorted({be for _, be, _ in plan if be not in (None, "none")}):
+        x = torch.randn(64, 64, device=device, requires_grad=True)
+        torch.compile(lambda t: (t.sin() @ t).relu().sum(), backend=backend)(x).backward()
+        sync(device)
+    torch._dynamo.reset()
+    return time.perf_counter() - t0
+
+
 def bench_e2e(device, cfg, args):
-    """train_glue.py end to end, one subprocess per (mode, seed): SST-2, the packaged MiniLM (--model_dir), batch 32,
-    --e2e_steps steps, progress every 100. Sustained steps/s from the progress lines after the first (each line
-    waits for the GPU: it prints the summed loss); warm-up = the time to the first line beyond 100 steps at that
-    rate (compilation, capture); the dev accuracy from metrics.json."""
+    """train_glue.py end to end, one subprocess per (run length, mode, seed): its default SST-2 run (the packaged
+    MiniLM or --model_dir, the shipped data) for each of --e2e_steps ("default": its own number of steps), progress
+    every 100 steps. Process wall time (the figure that decides --compile's default), sustained steps/s from the
+    progress lines after the first (each waits for the GPU: it prints the summed loss), warm-up = the time to the
+    first line beyond what its steps take at that rate (compilation, capture), the dev accuracy from metrics.json."""
     import tempfile
 
     root = Path(__file__).resolve().parent.parent
     runs = []
-    for mode in args.e2e_modes.split(","):
-        for seed in [int(x) for x in args.e2e_seeds.split(",")]:
-            out = Path(tempfile.mkdtemp(prefix=f"e2e-{mode}-s{seed}-"))
-            cmd = [sys.executable, str(root / "train_glue.py"), "--task", "sst2", "--device", device.type,
-                   "--batch_size", "32", "--steps", str(args.e2e_steps), "--seed", str(seed), "--log_every", "100",
-                   "--train_size", "20000", "--pooling", "cls",  # the settings BENCHMARKS.md measured with
-                   "--out_dir", str(out), "--no_download", "--compile" if mode == "compiled" else "--no-compile"]
-            cmd += (["--model", args.model_dir] if args.model_dir else []) + (
-                ["--compile_backend", args.backend] if args.backend and mode == "compiled" else [])
-            log("e2e: " + " ".join(cmd[1:]))
-            t_start, lines = time.perf_counter(), []
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            for line in proc.stdout:
-                lines.append((time.perf_counter() - t_start, line.rstrip("\n")))
-                print("    " + line.rstrip("\n"), flush=True)
-            proc.wait()
-            run = dict(mode=mode, seed=seed, returncode=proc.returncode, wall_s=time.perf_counter() - t_start,
-                       command="python " + " ".join(cmd[1:]))
-            header = next((t for t, line in lines if " steps of " in line and " on 1×" in line), None)
-            progress = [(t, int(line.split()[1].split("/")[0])) for t, line in lines if line.startswith("step ")]
-            if len(progress) >= 3 and header is not None:
-                (t1, s1), (tn, sn) = progress[0], progress[-1]
-                rate = (sn - s1) / (tn - t1)
-                run.update(steps_per_s=rate, first_line_step=s1, warmup_s=(t1 - header) - s1 / rate,
-                           loop_s=tn - header)
-            metrics = out / "metrics.json"
-            if metrics.exists():
-                m = json.loads(metrics.read_text())
-                run.update(accuracy=m["main_metric"], best_step=m["best_step"], trained_wall_s=m["wall_s"])
-            runs.append(run)
-            if args.json:
-                write_atomic(args.json + ".partial", json.dumps(runs, indent=1, default=str))
+    plan = [(steps, mode, int(seed)) for steps in args.e2e_steps.split(",") for mode in args.e2e_modes.split(",")
+            for seed in args.e2e_seeds.split(",")]
+    for steps, mode, seed in plan:
+        out = Path(tempfile.mkdtemp(prefix=f"e2e-{steps}-{mode}-s{seed}-"))
+        cmd = [sys.executable, str(root / "train_glue.py"), "--device", device.type, "--seed", str(seed),
+               "--log_every", "100", "--out_dir", str(out), "--no_download",
+               "--compile" if mode == "compiled" else "--no-compile"]
+        cmd += [] if steps == "default" else ["--steps", steps]
+        cmd += (["--model", args.model_dir] if args.model_dir else []) + (
+            ["--compile_backend", args.backend] if args.backend and mode == "compiled" else [])
+        log("e2e: " + " ".join(cmd[1:]))
+        t_start, lines = time.perf_counter(), []
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for line in proc.stdout:
+            lines.append((time.perf_counter() - t_start, line.rstrip("\n")))
+            print("    " + line.rstrip("\n"), flush=True)
+        proc.wait()
+        run = dict(steps=steps, mode=mode, seed=seed, returncode=proc.returncode,
+                   wall_s=time.perf_counter() - t_start, command="python " + " ".join(cmd[1:]))
+        header = next((t for t, line in lines if " steps of " in line and " on 1×" in line), None)
+        progress = [(t, int(line.split()[1].split("/")[0])) for t, line in lines if line.startswith("step ")]
+        if len(progress) >= 3 and header is not None:
+            (t1, s1), (tn, sn) = progress[0], progress[-1]
+            rate = (sn - s1) / (tn - t1)
+            run.update(steps_per_s=rate, first_line_step=s1, warmup_s=(t1 - header) - s1 / rate,
+                       loop_s=tn - header)
+        metrics = out / "metrics.json"
+        if metrics.exists():
+            m = json.loads(metrics.read_text())
+            run.update(accuracy=m["main_metric"], best_step=m["best_step"], trained_wall_s=m["wall_s"])
+        runs.append(run)
+        if args.json:
+            write_atomic(args.json + ".partial", json.dumps(runs, indent=1, default=str))
     return runs
 
 
@@ -839,58 +634,6 @@ def verdict(value, limit, lower_is_better=True):
         return "not measured"
     ok = value <= limit if lower_is_better else value >= limit
     return ("met" if ok else "MISSED") + f" ({value:.3f} vs {'≤' if lower_is_better else '≥'} {limit})"
-
-
-def report_model(res):
-    if "skipped" in res:
-        return f"model: skipped: {res['skipped']}"
-    rows = res["rows"]
-    by = {r["name"]: r for r in rows}
-    lora = by.get("PEFT LoRA r=8")
-    out = [f"### Whole training step: {res['shape']['layers']}-layer {res['shape']['hidden']}-wide BERT encoder, "
-           f"batch {res['shape']['batch']} × {res['shape']['seq']}, 6 matrices per layer, {res['shape']['optimizer']}; "
-           f"medians of interleaved rounds"]
-    if res.get("note"):
-        out.append(f"note: {res['note']}")
-    table = []
-    for r in rows:
-        step_ratio = ratio(r["step_ms"], lora and lora["step_ms"])
-        hook_pct = None if "hook_ms" not in r else 100 * r["hook_ms"] / r["step_ms"]
-        table.append([r["name"], fmt(r["step_ms"]), f"{fmt(r['step_q1'])}–{fmt(r['step_q3'])}",
-                      fmt(step_ratio, ".3f"), fmt(mib(r["peak"]), ".0f"),
-                      fmt(ratio(r["peak"], lora and lora["peak"]), ".3f"), f"{r['trainable']:,}",
-                      fmt(r.get("hook_ms"), ".3f"), fmt(hook_pct, ".1f"),
-                      "–" if r.get("syncs") is None else r["syncs"],
-                      "–" if "score_bytes" not in r else f"{r['score_bytes']:,}",
-                      "–" if r.get("launches") is None else r["launches"],
-                      fmt(r.get("kernel_ms")), fmt(ratio(r.get("kernel_ms"), lora and lora.get("kernel_ms")), ".3f"),
-                      "–" if r.get("hook_launches") is None else r["hook_launches"]])
-    out.append(markdown(["variant", "step ms (median)", "quartiles", "× PEFT LoRA", "peak MiB", "× PEFT LoRA",
-                         "trainable params", "hook alone ms", "hook % of step", "host syncs in hook",
-                         "score state bytes", "kernel launches / step", "GPU kernel ms / step",
-                         "kernel ms × PEFT LoRA", "launches in hook"], table))
-    pr, ada = by.get("LoRA² + Pruner.step"), by.get("PEFT AdaLoRA + update_and_allocate")
-    targets = []
-    if pr and lora:
-        targets.append(f"- step LoRA² + Pruner.step / PEFT LoRA: {verdict(pr['step_ms'] / lora['step_ms'], 1.15)}")
-    if pr:
-        targets.append(f"- Pruner.step / step: {verdict(pr['hook_ms'] / pr['step_ms'], 0.03)}")
-    plain = by.get("LoRA² k=r=8")
-    if pr and plain:
-        targets.append(f"- Pruner.step inside the step (LoRA² + Pruner.step − LoRA²): "
-                       f"{pr['step_ms'] - plain['step_ms']:.2f} ms")
-    if pr and ada:
-        targets.append(f"- update_and_allocate / Pruner.step: {verdict(ada['hook_ms'] / pr['hook_ms'], 10, False)}")
-        targets.append(f"- score state: Pruner {pr['score_bytes']:,} B, AdaLoRA {ada['score_bytes']:,} B "
-                       f"({ada['score_bytes'] / max(pr['score_bytes'], 1):.0f}×)")
-    if pr and "pruner_stats" in pr:
-        s = pr["pruner_stats"]
-        targets.append(f"- entries scored per step: LoRA² {s['scored']:,} of {s['adapter']:,} adapter entries "
-                       f"({100 * s['scored_ratio']:.2f} %); AdaLoRA at the same r scores {s['adalora_scored']:,}")
-    for r in rows:
-        if r.get("sync_sites"):
-            targets.append(f"- {r['name']}: host syncs at {', '.join(r['sync_sites'][:8])}")
-    return "\n".join(out + targets)
 
 
 def report_layer(results, device):
@@ -941,10 +684,11 @@ def report_step(results, device):
     out = []
     for res in results:
         rows = res["rows"]
-        by = {(r["kind"], r["backend"]): r for r in rows}
+        by = {(r["kind"], r["backend"], r.get("precision", "bf16")): r for r in rows}
         out.append(f"### Whole training step as train_glue.py runs it: {res['shape']} ({res['layers']} layers × 6 "
-                   f"matrices, hidden {res['hidden']}), {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
-                   f"fused AdamW, clip, schedule; medians of {len(rows[0]['times']) if rows else 0} interleaved rounds")
+                   f"matrices, hidden {res['hidden']}), {'bf16 autocast' if device.type == 'cuda' else 'fp32 / bf16'}"
+                   f", fused AdamW, clip, schedule; medians of {len(rows[0]['times']) if rows else 0} interleaved "
+                   f"rounds")
         table = []
         for r in rows:
             table.append([r["name"], fmt(r["step_ms"]), f"{fmt(r['step_q1'])}–{fmt(r['step_q3'])}", fmt(r["mean_ms"]),
@@ -956,8 +700,14 @@ def report_step(results, device):
                              "build + warm-up s"], table))
         for line in res["skipped"]:
             out.append(f"- not measured: {line}")
-        fast, ref = by.get(("lora2", args_backend(rows))), by.get(("reference_lora", args_backend(rows)))
-        slow, peft_eager = by.get(("lora2", None)), by.get(("peft_lora", None))
+        fast, ref = by.get(("lora2", args_backend(rows), "bf16")), by.get(("reference_lora", args_backend(rows), "bf16"))
+        slow, peft_eager = by.get(("lora2", None, "bf16")), by.get(("peft_lora", None, "bf16"))
+        cpu_fp32 = by.get(("lora2", None, "fp32"))
+        if cpu_fp32 and slow:
+            out.append(f"- LoRA² eager steps/s, bf16 autocast / fp32: "
+                       f"{verdict(cpu_fp32['step_ms'] / slow['step_ms'], 1.3, False)}")
+        if fast:
+            out.append(f"- LoRA² compiled build + warm-up: {verdict(fast['warmup_s'], 30)} s")
         if fast and ref:
             out.append(f"- LoRA² compiled / minimal LoRA compiled: {verdict(fast['step_ms'] / ref['step_ms'], 1.15)}")
         if fast and fast.get("kernel_ms"):
@@ -983,18 +733,26 @@ def args_backend(rows):
 
 
 def report_e2e(runs):
-    table = [[r["mode"], r["seed"], fmt(r.get("steps_per_s"), ".1f"), fmt(r.get("warmup_s"), ".1f"),
+    table = [[r.get("steps", "–"), r["mode"], r["seed"], fmt(r.get("steps_per_s"), ".1f"), fmt(r.get("warmup_s"), ".1f"),
               fmt(r.get("wall_s"), ".0f"), fmt(r.get("accuracy"), ".4f"), r["returncode"]] for r in runs]
-    out = ["### train_glue.py end to end: SST-2, MiniLM, batch 32",
-           markdown(["mode", "seed", "steps/s sustained", "warm-up s (compile, capture)", "process wall s",
+    out = ["### train_glue.py end to end: its default SST-2 run, MiniLM, batch 32",
+           markdown(["steps", "mode", "seed", "steps/s sustained", "warm-up s (compile, capture)", "process wall s",
                      "dev accuracy", "exit"], table)]
+    for steps in dict.fromkeys(r.get("steps") for r in runs):
+        by = {r["mode"]: r for r in runs if r.get("steps") == steps and r["seed"] == runs[0]["seed"]}
+        if "eager" in by and "compiled" in by:
+            out.append(f"- {steps} steps: compiled process wall / eager: "
+                       f"{verdict(by['compiled']['wall_s'] / by['eager']['wall_s'], 1.0)}")
     out += [f"- `{r['command']}`" for r in runs]
     return "\n".join(out)
 
 
 def environment(device):
-    env = dict(python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
-               cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads())
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    env = dict(python=platform.python_version(), torch=torch.__version__, platform=platform.platform(), cpu=cpu,
+               cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+               cpu_capability=torch.backends.cpu.get_cpu_capability())
     for name in ("transformers", "peft"):
         mod, _ = optional(name)
         env[name] = getattr(mod, "__version__", None)
@@ -1004,73 +762,100 @@ def environment(device):
     return env
 
 
+HERE = Path(__file__).resolve().parent
+RAW_FILES = ("bench-h200.json", "bench-cpu.json")  # what BENCHMARKS.md is made from, in its order
+
+
+def run_settings(device, only, args):
+    """Measure the settings of `only`; print each table as it is done; return everything measured."""
+    cfg = config_for(device, args.quick)
+    env = environment(device)
+    command = "python " + " ".join([f"experiments/{os.path.basename(sys.argv[0])}"] + sys.argv[1:])
+    print("## Environment\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()) + f"\n- command: {command}",
+          flush=True)
+    results = dict(environment=env, config=asdict(cfg), device=str(device), command=command)
+    t0 = time.perf_counter()
+    for name, bench in (("step", bench_step), ("e2e", bench_e2e), ("layer", bench_layer), ("merged", bench_merged)):
+        if name in only:
+            results[name] = bench(device, cfg, args)
+            print("\n" + report_setting(name, results[name], device), flush=True)
+    results["wall_s"] = time.perf_counter() - t0
+    print(f"\n(total {results['wall_s']:.0f} s)", flush=True)
+    return results
+
+
+def report_setting(name, result, device):
+    return {"step": report_step, "e2e": lambda r, d: report_e2e(r), "layer": report_layer,
+            "merged": report_merged}[name](result, device)
+
+
+def write_report(path=HERE / "BENCHMARKS.md"):
+    """BENCHMARKS.md from the committed raw files (RAW_FILES): every figure in it is in one of them."""
+    lines = ["# Benchmarks: what LoRA² costs per step", "",
+             "Generated by `python experiments/bench.py --report` from the raw files beside it "
+             + ", ".join(f"[{name}]({name})" for name in RAW_FILES if (HERE / name).exists())
+             + "; each section names the command that measured it, and rerunning that command measures again. "
+             "Ratios between rows of one file are what carry over to another machine; absolute times depend on "
+             "the host, so compare figures only within a file.", ""]
+    for name in RAW_FILES:
+        if not (HERE / name).exists():
+            continue
+        results = json.loads((HERE / name).read_text())
+        device = torch.device("cuda" if results["device"].startswith("cuda") else "cpu")
+        env = results["environment"]
+        where = env.get("gpu") or f"{env['cpu_count']} CPU cores ({env.get('cpu', platform.processor())})"
+        lines += [f"## {where}: `{results['command']}`", "",
+                  "- " + "; ".join(f"{k} {v}" for k, v in env.items() if v is not None), ""]
+        for setting in SETTINGS:
+            if setting in results:
+                lines += [report_setting(setting, results[setting], device), ""]
+    write_atomic(path, "\n".join(lines))
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--only", default=None,
-                        help=f"comma-separated subset of {','.join(SETTINGS)} "
-                             "(default: all on CUDA, layer,merged on the CPU)")
+                        help=f"comma-separated subset of {','.join(SETTINGS)} (default: step,e2e on CUDA, "
+                             f"step,layer,merged on the CPU)")
+    parser.add_argument("--report", action="store_true", help="write BENCHMARKS.md from the committed JSON files")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions: a smoke run")
-    parser.add_argument("--fused", action="store_true",
-                        help="AdamW(fused=True) for every model variant (default: torch's default, foreach on CUDA)")
     parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
-    parser.add_argument("--profile", default=None,
-                        help="write torch.profiler tables of one step per model variant (and of the hook) here")
     parser.add_argument("--backend", default=None, choices=("inductor", "aot_eager", "eager", "none"),
-                        help="step/e2e: the compiled rows' torch.compile backend (default: inductor on CUDA, "
-                             "aot_eager on the CPU; none: CUDA graphs of the eager kernels)")
+                        help="step/e2e: the compiled rows' torch.compile backend (default: inductor on CUDA, no "
+                             "compiled rows on the CPU; none: CUDA graphs of the eager kernels)")
     parser.add_argument("--model_dir", default=None, help="step/e2e: the MiniLM folder (default: the packaged one)")
     parser.add_argument("--budget_s", type=float, default=None, help="step: build no compiled row after this long")
     parser.add_argument("--shapes", default="minilm,bert-base", help="step: minilm and/or bert-base")
     parser.add_argument("--e2e_modes", default="eager,compiled", help="e2e: eager and/or compiled")
     parser.add_argument("--e2e_seeds", default="0", help="e2e: comma-separated seeds")
-    parser.add_argument("--e2e_steps", type=int, default=1200, help="e2e: optimiser steps per run")
+    parser.add_argument("--e2e_steps", default="default,600",
+                        help="e2e: comma-separated run lengths (default: train_glue.py's own)")
     args = parser.parse_args(argv)
+    if args.report:
+        return write_report()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
     device = torch.device(args.device)
     only = args.only.split(",") if args.only else (
-        ["model", "layer", "merged"] if device.type == "cuda" else ["layer", "merged"])
+        ["step", "e2e"] if device.type == "cuda" else ["step", "layer", "merged"])
     if set(args.shapes.split(",")) - {"minilm", "bert-base"}:
         raise SystemExit(f"--shapes: {args.shapes!r}; choose from minilm, bert-base")
     unknown = sorted(set(only) - set(SETTINGS))
     if unknown:
         raise SystemExit(f"--only: unknown setting(s) {unknown}; choose from {list(SETTINGS)}")
-    cfg = config_for(device, args.quick)
-    cfg.fused_adamw = args.fused
-    env = environment(device)
-    print("## Environment\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()), flush=True)
-    print(f"- command: python {' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}", flush=True)
-    if device.type == "cpu":
-        print("- CPU: time only (no allocator peak on the CPU); fp32, no autocast", flush=True)
-    results = dict(environment=env, config=asdict(cfg), device=str(device))
-    reports = []
-    t0 = time.perf_counter()
-    for name, bench, report in (("model", bench_model, report_model),
-                                ("layer", bench_layer, lambda r: report_layer(r, device)),
-                                ("merged", bench_merged, lambda r: report_merged(r, device)),
-                                ("step", bench_step, lambda r: report_step(r, device)),
-                                ("e2e", bench_e2e, report_e2e)):
-        if name in only:
-            results[name] = bench(device, cfg, args)
-            reports.append(report(results[name]))
-            print("\n" + reports[-1], flush=True)
-    results["wall_s"] = time.perf_counter() - t0
-    print(f"\n(total {results['wall_s']:.0f} s)", flush=True)
-    if args.profile:
-        text = "".join(results.get("model", {}).get("profiles", [])) or "(no model setting run)\n"
-        write_atomic(args.profile, text)
+    results = run_settings(device, only, args)
     if args.json:
-        results.get("model", {}).pop("profiles", None)
         write_atomic(args.json, json.dumps(results, indent=1, default=str))
 
 
 def write_atomic(path, text):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    lora2.atomic_write(path, text)
+    formats.atomic_write(path, text)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@
     python experiments/study.py --quick --model DIR --data_dir DIR        # a tiny CPU plan in seconds (the tests)
 
 The plan is task × configuration × seed, every run `train_glue.py --preset paper` (SPEC §5: the paper's epochs, lr,
-warm-up, t_i, t_f, mask interval, γ, dropout, weight decay, batch 32) with the configuration's flags on top, 3 seeds.
+warm-up, t_i, t_f, mask interval, γ, dropout, weight decay, batch 32) with the configuration's flags on top, 3 seeds
+(the baselines: `experiments/baselines.py --method M --preset paper`; a run is one process of its script).
 Runs go in priority order, so a study cut short by the device time holds the most important runs:
   1. CoLA and RTE: LoRA² k=8 and LoRA r=8 (the issue's must-haves)
   2. CoLA and RTE: LoRA² k=1, AdaLoRA, full fine-tuning
@@ -47,12 +48,14 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent  # experiments/: RESULTS.md, results.png, runs/
 ROOT = HERE.parent                       # the repository: train_glue.py, lora2.py, bert.py
-TRAIN_SCRIPT = ROOT / "train_glue.py"
+TRAIN_SCRIPT = ROOT / "train_glue.py"      # LoRA² runs
+BASELINES_SCRIPT = HERE / "baselines.py"   # the others: --method lora, adalora, full
 sys.path.insert(0, str(ROOT))
 import bert  # noqa: E402
+import formats  # noqa: E402
 import glue  # noqa: E402
-import lora2  # noqa: E402
 import train_glue  # noqa: E402
+from experiments import baselines  # noqa: E402
 from rundir import fmt_time  # noqa: E402
 
 PAPER = train_glue.PAPER  # task: lr, epochs, max_len, r, target_rank, alpha, t_i, t_f, mask_interval, gamma, warmup,
@@ -61,7 +64,7 @@ PAPER_FIELDS = ("lr", "epochs", "max_len", "r", "target_rank", "alpha", "t_i", "
                 "warmup", "classifier_dropout", "weight_decay")
 DEFAULT_OUT = HERE / "runs" / "paper"
 OLD_STUDY = HERE / "runs" / "study"      # the 200-step study of issue 6: the appendix
-atomic_write = lora2.atomic_write
+atomic_write = formats.atomic_write
 
 
 def paper(task, key):
@@ -179,6 +182,15 @@ class Run:
         return self.epochs != paper(self.task, "epochs")
 
     @property
+    def method(self):
+        return self.config.arg("method")
+
+    @property
+    def script(self):
+        """What trains the run: train_glue.py (LoRA², no --method), or experiments/baselines.py --method."""
+        return TRAIN_SCRIPT if self.method == "lora2" else BASELINES_SCRIPT
+
+    @property
     def id(self):
         return f"{self.task}{f'-{self.epochs:g}ep' if self.capped else ''}-{self.config.name}-s{self.seed}"
 
@@ -195,10 +207,12 @@ class Run:
             flags["epochs"] = self.epochs
         flags.update(mask_interval=interval, **self.config.resolved(self.task), seed=self.seed,
                      eval_every=max(1, steps // plan.evals))
+        if self.method == "lora2":
+            del flags["method"]  # train_glue.py trains LoRA² only: no --method
         return flags
 
     def argv(self, plan, n_train, args, folder):
-        """train_glue.py's command line: flags(), then where and how it runs (resumable, logged)."""
+        """The command line of its script: flags(), then where and how it runs (resumable, logged)."""
         steps = self.steps(n_train, plan.batch)
         control = {"out_dir": folder, "save_every": max(1, steps // plan.saves), "log_every": max(1, steps // plan.logs),
                    "device": args.device}
@@ -240,7 +254,7 @@ def train_sizes(plan, data_dir):
     """{task: training examples} as train_glue.py will load them (full train.tsv, or the dev split)."""
     sizes = {}
     for task, flags in plan.tasks.items():
-        train, _, _ = glue.load(task, data_dir, flags.get("dev_split"))
+        train = glue.load(task, data_dir, flags.get("dev_split")).train
         sizes[task] = len(train)
     return sizes
 
@@ -252,7 +266,7 @@ def constant_scores(plan, data_dir):
         if glue.TASKS[task].metrics[0] == "mcc":
             scores[task] = 0.0
             continue
-        _, dev, _ = glue.load(task, data_dir, flags.get("dev_split"))
+        dev = glue.load(task, data_dir, flags.get("dev_split")).dev
         labels = np.array([y for _, _, y in next(iter(dev.values()))])
         scores[task] = float(np.bincount(labels.astype(int)).max() / len(labels))
     return scores
@@ -275,11 +289,13 @@ def result_of(out, run):
 
 
 def expected_config(run, plan, n_train):
-    """train_glue.py's Config of the run as a dict: its flags() over the preset, resolved by train_glue itself."""
+    """The run's Config as a dict: its flags() over the preset, resolved by train_glue.parse_config itself (with the
+    baselines' BaselineConfig, --method included, for a baseline run)."""
     argv = []
     for key, value in run.flags(plan, n_train).items():
         argv += [f"--{key}", str(value)]
-    return dataclasses.asdict(train_glue.parse_config(argv))
+    config = train_glue.Config if run.method == "lora2" else baselines.BaselineConfig
+    return dataclasses.asdict(train_glue.parse_config(argv, config=config))
 
 
 def mismatches(run, m, plan, n_train=None):
@@ -294,6 +310,9 @@ def mismatches(run, m, plan, n_train=None):
     for key in sorted(keys):
         if args.get(key) != want[key]:
             bad.append(f"--{key} {args.get(key)} (plan: {want[key]})")
+    method = m.get("method", args.get("method", "lora2"))  # LoRA² runs' args: none since train_glue.py lost --method
+    if run.method == "lora2" and method != "lora2":  # a baseline's is among the keys
+        bad.append(f"method {method} (plan: lora2)")
     if n_train is not None and m.get("steps") != run.steps(n_train, plan.batch):
         bad.append(f"{m.get('steps')} steps (plan: {run.steps(n_train, plan.batch)})")
     return bad
@@ -486,7 +505,7 @@ def run_all(runs, plan, sizes, args, out, deadline=None, speeds=None, session=No
                 todo.remove(pick)
                 folder = out / pick.id
                 folder.mkdir(parents=True, exist_ok=True)
-                cmd = [sys.executable, str(TRAIN_SCRIPT), *pick.argv(plan, sizes[pick.task], args, folder)]
+                cmd = [sys.executable, str(pick.script), *pick.argv(plan, sizes[pick.task], args, folder)]
                 log = open(folder / "log.txt", "a")
                 log.write(f"{ATTEMPT} {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: {' '.join(cmd)}\n")
                 log.flush()
@@ -544,14 +563,14 @@ def run_all(runs, plan, sizes, args, out, deadline=None, speeds=None, session=No
 def to_fp16(src, dst):
     """Copy a model.safetensors with every F32 tensor cast to F16 (others unchanged); refuse values out of F16 range."""
     import torch
-    tensors = bert.load_safetensors(src)
+    tensors = formats.load_safetensors(src)
     for name, t in tensors.items():
         if t.dtype == torch.float32:
             biggest = float(t.abs().max()) if t.numel() else 0.0
             if biggest > 65504:
                 raise ValueError(f"{src}: tensor {name!r} has |value| {biggest:g}, beyond float16's 65504")
             tensors[name] = t.half()
-    lora2.write_safetensors(tensors, dst)
+    formats.write_safetensors(tensors, dst)
 
 
 def prepare(dest, model_dir, data_dir, tasks):
@@ -949,7 +968,7 @@ def write_report(plan, out, results_md, png, data_dir=None, quick=False):
         for task, m in hp.items():
             a, T = m["args"], m["steps"]
             lrs = sorted({mm["args"]["lr"] for mm in sum((results.get((task, c.name), []) for c in plan.configs), [])
-                          if mm["args"]["method"] != "full"})
+                          if mm["method"] != "full"})
             L.append(f"| {task} | {m['train_size']:,} | {T / max(1, m['train_size'] // a['batch_size']):g} | {T:,} | "
                      f"{', '.join(f'{x:g}' for x in lrs)} | {a['max_len']} | {a['r']} | {a['target_rank']} | "
                      f"{a['alpha']} | {round(a['init_warmup'] * T)} | {round(a['final_warmup'] * T)} | "
@@ -1052,10 +1071,10 @@ def model_info(model_dir):
     """{"path", "dtypes"} of the backbone's model.safetensors, for the report."""
     path = Path(model_dir) if model_dir else _packaged_model()
     try:
-        tensors = bert.load_safetensors(path / "model.safetensors")
+        tensors = formats.load_safetensors(path / "model.safetensors")
     except (OSError, ValueError):
         return {"path": str(path)}
-    names = {v: k for k, v in bert.SAFETENSORS_DTYPES.items()}
+    names = {v: k for k, v in formats.SAFETENSORS_DTYPES.items()}
     source = (read_json(path / "prepared_from.json") or {}).get("source")
     return {"path": str(model_dir or path), "dtypes": sorted({names[t.dtype] for t in tensors.values()}),
             **({"source": source} if source else {})}
