@@ -358,10 +358,12 @@ def plot_rank_pattern(pattern, r, path, title):
     return path
 
 
-def report(cfg, counts, run, facts, out_dir, pattern, notes=(), scored_ratio=None, export=None):
-    """The summary (metrics.json); with out_dir (rank 0): print it, write metrics.json, the PNG and, with
-    --export_peft, call export(path, base model name or folder). pattern: {matrix: [kept λ_i]} ({} for none);
-    notes: lines to print."""
+def report(cfg, counts, run, data, world, device, out_dir, pattern, notes=(), scored_ratio=None, export=None):
+    """The summary (metrics.json) of a run on `data` (glue.Data) by `world` processes on `device`; with out_dir
+    (rank 0): print it, write metrics.json, the PNG and, with --export_peft, call export(path, base model name or
+    folder). pattern: {matrix: [kept λ_i]} ({} for none); notes: lines to print."""
+    facts = dict(non_standard=data.non_standard, steps=cfg.steps, world=world, device=device.type,
+                 train_size=len(data.train), eval_size={s: len(ex) for s, ex in data.dev.items()})
     task, best = glue.TASKS[cfg.task], run["best"]
     main_name, elapsed = task.metrics[0], run["elapsed"]
     summary = {

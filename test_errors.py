@@ -91,7 +91,8 @@ def run_settings(out_dir):
     (["--weight_decay", "-0.1"], "--weight_decay"),
     (["--classifier_dropout", "1"], "--dropout and --classifier_dropout are in [0, 1), got (None, 1.0)"),
     (["--dropout", "-0.1"], "--dropout and --classifier_dropout are in [0, 1), got (-0.1, None)"),
-    (["--epochs", "-1"], "--steps (--epochs) must be > 0"),
+    (["--epochs", "-1"], "--epochs must be > 0, got -1.0"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--alpha", "0"], "--r, --k, --alpha must be >= 1, got (8, 8, 0)"),
     (["--resume", "--overwrite"], "give --resume or --overwrite, not both"),
 ])

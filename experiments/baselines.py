@@ -19,7 +19,6 @@ fine-tuning (there is no adapter to export).
 import contextlib
 import dataclasses
 import functools
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -211,19 +210,15 @@ def _train(cfg, rank, world, device, stop_at):
     # data, and the run's length, precision and compilation
     task, data, train_enc, train_y, dev_data = train_glue.load_run_data(cfg, rank, world, tokenize)
     lengths = tuple(len(ids) for ids, _ in train_enc)
-    steps = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * (len(data.train) // cfg.batch_size))
     precision, why_precision = train_glue.resolve_precision(cfg.precision, device)
+    steps, why_steps = train_glue.run_length(cfg, len(data.train), precision)
     use_compile, why_compile = compiled.resolve(cfg.compile, device, world, steps)
     cfg = dataclasses.replace(cfg, steps=steps, epochs=None, precision=precision, compile=use_compile)
     method = METHODS[cfg.method](backbone, cfg, targets, steps)
     model = method.model.to(device)
     counts = lora2.count_parameters(model)
-    say(f"{task.dir} ({data.source}): {len(data.train)} train, "
-        + ", ".join(f"{len(ex)} {s}" for s, ex in data.dev.items())
-        + (" (NON-STANDARD: train and eval are a split of dev.tsv)" if data.non_standard else "")
-        + f" | {cfg.method}: {counts['adapter']:,} adapter + {counts['head']:,} head parameters trainable"
-        + f" | {steps} steps of {cfg.batch_size} on {world}×{device.type}"
-        + f" | {precision} ({why_precision}), {'compiled' if use_compile else 'eager'} ({why_compile})")
+    say(train_glue.header(task, data, cfg.method, counts, steps, cfg, world, device,
+                          (why_steps, why_precision, why_compile)))
 
     optimizer, scheduler, params = train_glue.adamw(model, cfg, steps)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -294,10 +289,8 @@ def _train(cfg, rank, world, device, stop_at):
 
     # the report: the best checkpoint's metrics, its rank pattern, --export_peft through PEFT's save_pretrained
     method.load_trained_state(run["best"]["state"])
-    facts = dict(non_standard=data.non_standard, steps=steps, world=world, device=device.type,
-                 train_size=len(data.train), eval_size={s: len(ex) for s, ex in data.dev.items()})
-    summary = rundir.report(cfg, counts, run, facts, out_dir if rank == 0 else None, method.rank_pattern(),
-                            export=lambda path, base: model.save_pretrained(path))
+    summary = rundir.report(cfg, counts, run, data, world, device, out_dir if rank == 0 else None,
+                            method.rank_pattern(), export=lambda path, base: model.save_pretrained(path))
     return summary, model
 
 

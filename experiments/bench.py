@@ -485,10 +485,10 @@ def profile_steps(fn, device, n):
 def kernel_class(name):
     """A coarse class of a GPU kernel, for where the time goes."""
     low = name.lower()
-    for cls, keys in (("matmul", ("gemm", "cutlass", "sm90_", "cublas", "xmma", "splitk")),
-                      ("attention", ("fmha", "attention", "flash")), ("AdamW", ("adam",)),
-                      ("copy", ("memcpy", "memset", "copy")), ("fused (inductor)", ("triton",)),
-                      ("reduction", ("reduce", "norm", "sum")), ):
+    for cls, keys in (("attention", ("fmha", "attention", "flash", "sdpa")),
+                      ("matmul", ("gemm", "cutlass", "sm90_", "sm80_", "cublas", "xmma", "splitk", "nvjet")),
+                      ("AdamW", ("adam",)), ("copy", ("memcpy", "memset", "copy")), ("fused (inductor)", ("triton",)),
+                      ("reduction", ("reduce", "norm", "sum"))):
         if any(k in low for k in keys):
             return cls
     return "elementwise / other"
@@ -608,7 +608,7 @@ def bench_e2e(device, cfg, args):
         proc.wait()
         run = dict(steps=steps, mode=mode, seed=seed, returncode=proc.returncode,
                    wall_s=time.perf_counter() - t_start, command="python " + " ".join(cmd[1:]))
-        header = next((t for t, line in lines if " steps of " in line and " on 1×" in line), None)
+        header = next((t for t, line in lines if " steps (" in line and " on 1×" in line), None)  # the first line
         progress = [(t, int(line.split()[1].split("/")[0])) for t, line in lines if line.startswith("step ")]
         if len(progress) >= 3 and header is not None:
             (t1, s1), (tn, sn) = progress[0], progress[-1]
@@ -789,6 +789,76 @@ def report_setting(name, result, device):
             "merged": report_merged}[name](result, device)
 
 
+def find_row(rows, kind, backend, precision="bf16"):
+    return next((r for r in rows if r["kind"] == kind and r["backend"] == backend
+                 and r.get("precision", "bf16") == precision), None)
+
+
+def targets(files):
+    """The targets table: [target, measured, verdict] rows from the raw files' step, e2e and layer settings."""
+    rows = []
+    h200, cpu = files.get("bench-h200.json"), files.get("bench-cpu.json")
+    for res in (h200 or {}).get("step", []):
+        fast, ref = find_row(res["rows"], "lora2", "inductor"), find_row(res["rows"], "reference_lora", "inductor")
+        if fast and ref:
+            rows.append([f"{res['shape']}: LoRA² compiled step ≤ 1.15× a compiled minimal LoRA step",
+                         f"{fast['step_ms']:.2f} / {ref['step_ms']:.2f} ms", verdict(fast["step_ms"] / ref["step_ms"],
+                                                                                      1.15)])
+        if fast and fast.get("kernel_ms"):
+            rows.append([f"{res['shape']}: LoRA² compiled wall ≤ 1.3× its GPU kernel time",
+                         f"{fast['step_ms']:.2f} / {fast['kernel_ms']:.2f} ms",
+                         verdict(fast["step_ms"] / fast["kernel_ms"], 1.3)])
+        if fast:
+            rows.append([f"{res['shape']}: LoRA² compiled warm-up ≤ 30 s (build + first steps: compile, capture)",
+                         f"{fast['warmup_s']:.1f} s (minimal LoRA {ref['warmup_s']:.1f} s)" if ref else "",
+                         verdict(fast["warmup_s"], 30)])
+    runs = (h200 or {}).get("e2e", [])
+    for steps in dict.fromkeys(r.get("steps") for r in runs):
+        by = {r["mode"]: r for r in runs if r.get("steps") == steps}
+        if "eager" in by and "compiled" in by:
+            rows.append([f"train_glue.py, {steps} steps: compiled process wall < eager",
+                         f"{by['compiled']['wall_s']:.0f} / {by['eager']['wall_s']:.0f} s",
+                         verdict(by["compiled"]["wall_s"] / by["eager"]["wall_s"], 1.0)])
+    for res in (cpu or {}).get("step", []):
+        fp32, bf16 = find_row(res["rows"], "lora2", None, "fp32"), find_row(res["rows"], "lora2", None, "bf16")
+        if fp32 and bf16:
+            rows.append([f"CPU, {res['shape']}: the default LoRA² step (bf16 autocast) ≥ 1.3× fp32 steps/s",
+                         f"{fp32['step_ms']:.0f} / {bf16['step_ms']:.0f} ms",
+                         verdict(fp32["step_ms"] / bf16["step_ms"], 1.3, False)])
+    for res in (cpu or {}).get("layer", []):
+        mine, ref = res["rows"]["LoRA2Linear k=r=8"], res["rows"]["reference LoRA r=8"]
+        rows.append([f"CPU, one layer d={res['d']}: LoRA2Linear ≤ 1.0× the reference LoRA's time",
+                     f"{mine['ms']:.2f} / {ref['ms']:.2f} ms", verdict(mine["ms"] / ref["ms"], 1.0)])
+    return rows
+
+
+def time_by_class(row):
+    """{kernel class: (count, ms)} per step from a row's top kernels, the rest as "other (outside the top 25)"."""
+    classes = {}
+    for name, (count, us) in row.get("top", {}).items():
+        c = classes.setdefault(kernel_class(name), [0.0, 0.0])
+        c[0], c[1] = c[0] + count, c[1] + us / 1e3
+    rest = row["kernel_ms"] - sum(ms for _, ms in classes.values())
+    classes["other (outside the top 25 names)"] = [row["gpu_events"] - sum(n for n, _ in classes.values()), rest]
+    return classes
+
+
+def where_the_time_goes(res):
+    """LoRA² compiled against the compiled minimal LoRA: GPU time and kernels per step by class of kernel."""
+    fast, ref = find_row(res["rows"], "lora2", "inductor"), find_row(res["rows"], "reference_lora", "inductor")
+    if not (fast and ref and fast.get("top") and ref.get("top")):
+        return ""
+    a, b = time_by_class(fast), time_by_class(ref)
+    table = [[c, f"{a.get(c, [0, 0])[1]:.3f} ({a.get(c, [0, 0])[0]:.0f})", f"{b.get(c, [0, 0])[1]:.3f} "
+              f"({b.get(c, [0, 0])[0]:.0f})", f"{a.get(c, [0, 0])[1] - b.get(c, [0, 0])[1]:+.3f}"]
+             for c in sorted(set(a) | set(b), key=lambda c: -a.get(c, [0, 0])[1])]
+    table.append(["all", f"{fast['kernel_ms']:.3f} ({fast['gpu_events']:.0f})",
+                  f"{ref['kernel_ms']:.3f} ({ref['gpu_events']:.0f})", f"{fast['kernel_ms'] - ref['kernel_ms']:+.3f}"])
+    return (f"Where the GPU time of a compiled step goes, {res['shape']} (ms per step, kernels in brackets; torch.profiler "
+            f"over 10 steps, one of them masking):\n\n"
+            + markdown(["kernels", "LoRA² compiled", "minimal LoRA compiled", "difference"], table))
+
+
 def write_report(path=HERE / "BENCHMARKS.md"):
     """BENCHMARKS.md from the committed raw files (RAW_FILES): every figure in it is in one of them."""
     lines = ["# Benchmarks: what LoRA² costs per step", "",
@@ -797,10 +867,9 @@ def write_report(path=HERE / "BENCHMARKS.md"):
              + "; each section names the command that measured it, and rerunning that command measures again. "
              "Ratios between rows of one file are what carry over to another machine; absolute times depend on "
              "the host, so compare figures only within a file.", ""]
-    for name in RAW_FILES:
-        if not (HERE / name).exists():
-            continue
-        results = json.loads((HERE / name).read_text())
+    files = {name: json.loads((HERE / name).read_text()) for name in RAW_FILES if (HERE / name).exists()}
+    lines += ["## Targets", "", markdown(["target", "measured", "verdict"], targets(files)), ""]
+    for name, results in files.items():
         device = torch.device("cuda" if results["device"].startswith("cuda") else "cpu")
         env = results["environment"]
         where = env.get("gpu") or f"{env['cpu_count']} CPU cores ({env.get('cpu', platform.processor())})"
@@ -809,6 +878,8 @@ def write_report(path=HERE / "BENCHMARKS.md"):
         for setting in SETTINGS:
             if setting in results:
                 lines += [report_setting(setting, results[setting], device), ""]
+            if setting == "step" and device.type == "cuda":
+                lines += [text + "\n" for text in map(where_the_time_goes, results.get("step", [])) if text]
     write_atomic(path, "\n".join(lines))
     print(f"wrote {path}")
 

@@ -936,8 +936,9 @@ def write_report(plan, out, results_md, png, data_dir=None, quick=False):
     info = state.get("model", {})
     example = every[0][1] if every else None
     if example:
+        backbone = example["total_params"] - (0 if example.get("method") == "full" else example["adapter_params"])
         L.append(f"- Backbone: `{info.get('path') or example['args'].get('model') or 'the packaged all-MiniLM-L6-v2'}`"
-                 f", {example['total_params']:,} parameters with a 2-way head (BERT through `bert.py`), instead of the "
+                 f", {backbone:,} parameters with a 2-way head (BERT through `bert.py`), instead of the "
                  "paper's DeBERTaV3-base (184M)."
                  + (" Its weights travelled as float16 (`study.py --prepare`) and load into float32; training used "
                     "bf16 autocast on CUDA." if is_fp16(info) else ""))
@@ -991,6 +992,11 @@ def write_report(plan, out, results_md, png, data_dir=None, quick=False):
             L.append(f"| {i} | {s.get('started', '?')} | {what} | {s.get('jobs', '?')} | "
                      f"{fmt_time(s.get('wall_s', 0))} | {n_fin} | `{s.get('command', '')}` |")
         L.append("")
+        commit = code_commit(sessions[0].get("code", {}), sessions[0].get("started"))
+        if commit and all(s.get("code") == sessions[0].get("code") for s in sessions):
+            L += [f"Code: every session ran the files of commit `{commit}` (the sha256 of study.py, baselines.py, "
+                  f"train_glue.py, lora2.py, bert.py, glue.py and rundir.py recorded in `study.json` match it). The "
+                  f"code has changed since; these figures describe that commit.", ""]
 
     # missing
     L += ["## Not run or failed", ""]
@@ -1037,6 +1043,22 @@ def write_report(plan, out, results_md, png, data_dir=None, quick=False):
     atomic_write(results_md, "\n".join(L))
     print(f"wrote {results_md}")
     plot(plan, results, constants, png)
+
+
+def code_commit(code, before=None):
+    """The newest commit (short hash) before `before` (a session's start) whose files have the sha256 prefixes the
+    session recorded in "code" ({file name: prefix}); None if no commit does or there is no git history."""
+    paths = {name: f"experiments/{name}" if name in ("study.py", "baselines.py") else name for name in code}
+    try:
+        revs = subprocess.run(["git", "rev-list", "HEAD"] + ([f"--before={before}"] if before else []), cwd=ROOT,
+                              capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    for rev in revs.stdout.split():
+        if all(hashlib.sha256(subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True).stdout)
+               .hexdigest()[:12] == code[name] for name, path in paths.items()):
+            return rev[:7]
+    return None
 
 
 def deviations(plan):
