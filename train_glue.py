@@ -210,7 +210,7 @@ def setup_distributed(device_choice):
 
 def resolve_precision(choice, device):
     """(fp32 or bf16, why): auto is bf16 autocast on CUDA and on CPUs with bf16 instructions
-    (AVX512-BF16, AMX), which train about 1.8× faster so (BENCHMARKS.md); else fp32. None (a checkpoint
+    (AVX512-BF16, AMX), which train about 1.7× faster so (BENCHMARKS.md); else fp32. None (a checkpoint
     from before --precision) is what ran then: bf16 on CUDA, fp32 on the CPU."""
     if choice in ("fp32", "bf16"):
         return choice, "--precision"

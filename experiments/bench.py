@@ -436,13 +436,17 @@ class TrainStep:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda t: min(1.0, (t + 1) / 600))
 
         def device_step(batch, labels, regularizer=lora2.orthogonal_regularizer):  # train_glue.py's, line for line
-            with train_glue.autocast(device, precision):
+            with phase("forward"), train_glue.autocast(device, precision):  # phase: the CPU profile's labels
                 logits = train_glue.logits_of(self.model(**batch))
             loss_task = glue.task_loss(logits, labels)
-            reg = regularizer(self.model, cross=cfg.cross) if kind == "lora2" else torch.zeros((), device=device)
-            (loss_task + cfg.gamma * reg).backward()
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
-            self.optimizer.step()
+            with phase("regulariser"):
+                reg = regularizer(self.model, cross=cfg.cross) if kind == "lora2" else torch.zeros((), device=device)
+            with phase("backward"):
+                (loss_task + cfg.gamma * reg).backward()
+            with phase("clip"):
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
+            with phase("AdamW"):
+                self.optimizer.step()
             return loss_task.detach(), reg.detach()
 
         self.run = device_step if backend is None else compiled.step(device_step, model, self.optimizer, cfg,
@@ -452,19 +456,38 @@ class TrainStep:
         self.run(batch, labels)
         self.scheduler.step()
         if self.pruner is not None:
-            self.pruner.step(self.t)
+            with phase("Pruner.step"):
+                self.pruner.step(self.t)
         self.optimizer.zero_grad(set_to_none=True)
         self.t += 1
 
 
+PHASES = ("forward", "regulariser", "backward", "clip", "AdamW", "Pruner.step")
+
+
+def phase(name):
+    """A torch.profiler label for one phase of a step (PHASES); the CPU profile adds them up."""
+    return torch.profiler.record_function(f"phase: {name}")
+
+
 def profile_steps(fn, device, n):
-    """Per step, over n calls of fn under torch.profiler: host launches (kernels, graphs, copies), device events and
-    their total ms, and {kernel name: (count, us)} for the breakdown; None off CUDA."""
+    """Per step, over n calls of fn under torch.profiler. CUDA: host launches (kernels, graphs, copies), device
+    events and their total ms, and {kernel name: (count, us)} for the breakdown. CPU: ms per phase of the step
+    (PHASES) and {operator: (count, self ms)} of the 15 costliest operators."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     if device.type != "cuda":
-        return None
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(n):
+                fn()
+        events = prof.key_averages()
+        phases = {e.key.removeprefix("phase: "): e.cpu_time_total / n / 1e3 for e in events
+                  if e.key.startswith("phase: ")}
+        ops = sorted((e for e in events if not e.key.startswith(("phase: ", "ProfilerStep"))),
+                     key=lambda e: -e.self_cpu_time_total)[:15]
+        return dict(phases={p: phases.get(p, 0.0) for p in PHASES},
+                    top_ops={e.key: (e.count / n, e.self_cpu_time_total / n / 1e3) for e in ops})
     sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
@@ -547,7 +570,7 @@ def bench_step(device, cfg, args):
             row["syncs"], row["sync_sites"] = count_syncs(lambda: case.step(batch, labels), device)
             while case.t % 10 != 1:  # compiled: profile 10 steps, one of them masking; eager: 5, none masking
                 case.step(batch, labels)
-            n_prof = 2 if args.quick else 5 if case.backend is None else 10
+            n_prof = 2 if args.quick else 3 if device.type == "cpu" else 5 if case.backend is None else 10
             prof = profile_steps(lambda: case.step(batch, labels), device, n_prof)
             row.update(prof or {})
             row["step_ms"], row["mean_ms"] = statistics.median(row["times"]), statistics.fmean(row["times"])
@@ -700,6 +723,16 @@ def report_step(results, device):
                              "build + warm-up s"], table))
         for line in res["skipped"]:
             out.append(f"- not measured: {line}")
+        profiled = [r for r in rows if r.get("phases")]
+        if profiled:
+            out.append("\nWhere the time of a CPU step goes (torch.profiler over 3 steps; ms per step by phase, "
+                       "then the costliest operators of the LoRA² rows by self time):\n")
+            out.append(markdown(["variant", *PHASES, "sum"], [[r["name"], *(fmt(r["phases"][p], ".1f") for p in PHASES),
+                                                              fmt(sum(r["phases"].values()), ".1f")] for r in profiled]))
+            for r in profiled:
+                if r["kind"] == "lora2":
+                    out.append(f"- {r['name']}: " + "; ".join(f"{k} {ms:.1f} ms ({c:.0f}×)"
+                                                            for k, (c, ms) in r["top_ops"].items()))
         if (res.get("compiler_startup_s") or 0) > 0.05:
             out.append(f"- the compiler's one-time start (compiling a tiny function first: imports, worker processes) "
                        f"took {res['compiler_startup_s']:.1f} s before any row was built; a fresh train_glue.py pays "

@@ -11,7 +11,7 @@
 A round is a list of settings, each `train_glue.py` with BASE and the setting's flags, run for several seeds, many
 processes side by side (one thread each). The time limit on 2 CPU cores fixes the examples a run may see, so a
 setting trades steps for batch, or changes what each step does. Rounds 0-2 searched around the fp32 step (720 steps
-of 32 took 142-150 s then); round 3 measured what bf16 autocast on the CPU buys (the same accuracy, about 1.8× the
+of 32 took 142-150 s then); round 3 measured what bf16 autocast on the CPU buys (the same accuracy, about 1.7× the
 steps per second: BENCHMARKS.md) spent on more steps. On CUDA the runs compute in fp32 (--precision fp32), so a GPU
 stands in for the CPU's arithmetic, not for its trajectory bit for bit. Each finished run appends {round, name,
 flags, seed, metric, wall_s, device} to <out>/round<N>.jsonl and keeps its metrics.json and log; adapter.pt is deleted
