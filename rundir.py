@@ -2,7 +2,8 @@
 
 - adapter.pt: the best evaluation's adapter + head and its config (`--eval_only --load` rebuilds the model from it);
 - train_state.pt: everything `--resume` needs to continue exactly (weights, optimiser, schedule, pruner, RNG, best);
-- metrics.json, the printed summary, the rank pattern as a text heatmap (and rank_pattern.png with --plot).
+- metrics.json, the printed summary, the rank pattern as a text heatmap (and rank_pattern.png with --plot);
+- the log lines a run prints: its header (data, parameters, steps, precision, compiling) and progress.
 Every file is written atomically (formats.atomic_write): a killed run leaves the previous version, never half a file,
 and a failed write (disk full) says so and keeps the previous file. A folder belongs to one run at a time (claim).
 Not here: the training loop and the method (train_glue.py, lora2.py).
@@ -407,6 +408,23 @@ def report(cfg, counts, run, data, world, device, out_dir, pattern, notes=(), sc
                  f"(python {script} --eval_only --load {out_dir / 'adapter.pt'})")
     print("\n".join(lines), flush=True)
     return summary
+
+
+def header(task, data, what, counts, steps, cfg, world, device, why):
+    """The run's first line: data (source, sizes), trainable parameters, steps, precision, compiling."""
+    dev = ", ".join(f"{len(ex)} {s}" for s, ex in data.dev.items())
+    split = " (NON-STANDARD: train and eval are a split of dev.tsv)" if data.non_standard else ""
+    return (f"{task.dir} ({data.source}): {len(data.train)} train, {dev}{split} | {what}: "
+            f"{counts['adapter']:,} adapter + {counts['head']:,} head parameters trainable | {steps} "
+            f"steps ({why[0]}) of {cfg.batch_size} on {world}×{device.type} | {cfg.precision} ({why[1]}), "
+            f"{'compiled' if cfg.compile else 'eager'} ({why[2]})")
+
+
+def progress(global_step, steps, loss, reg, lr, budget, rate, batch_size):
+    """The progress line: step, task loss, R, learning rate, b(t), examples/s, ETA."""
+    eta = fmt_time((steps - global_step) / rate)
+    return (f"step {global_step:>{len(str(steps))}}/{steps} | loss {loss:.4f} | R {reg:.4f} | "
+            f"lr {lr:.2e} | b(t) {budget} | {rate * batch_size:.0f} ex/s | ETA {eta}")
 
 
 def fmt_time(seconds):

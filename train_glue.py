@@ -158,8 +158,7 @@ QUICK_STEPS = {"fp32": 720, "bf16": 900}  # the quick run: what 3 min on 2 CPU c
 
 
 def paper_preset(task):
-    """SPEC §5 for `task` as Config values: the whole training set, the paper's epochs, warm-ups as
-    fractions of the steps."""
+    """SPEC §5 for `task` as Config values: all the training set, its epochs, warm-ups as fractions."""
     if task not in PAPER:
         raise ValueError(f"--preset paper has no hyperparameters for {task!r}, only {sorted(PAPER)}")
     lr, epochs, max_len, r, target, alpha, t_i, t_f, every, gamma, warm, drop, wd = PAPER[task]
@@ -252,8 +251,7 @@ def evaluate(model, dev_data, task, pad_id, device, precision):
 
 
 def load_run_data(cfg, rank, world, tokenize):
-    """(task, glue.Data, train encodings, labels, dev encodings): rank 0 fetches a missing task
-    while the others wait at the barrier."""
+    """(task, glue.Data, train and dev encodings, labels); rank 0 fetches, the others wait."""
     if rank != 0:
         dist.barrier()
     data = glue.load(cfg.task, cfg.data_dir, cfg.dev_split, cfg.train_size, cfg.eval_size,
@@ -283,30 +281,12 @@ def adamw(model, cfg, steps):
     return optimizer, scheduler, [p for _, p in params]
 
 
-def header(task, data, what, counts, steps, cfg, world, device, why):
-    """The run's first line: data (source, sizes), trainable parameters, steps, precision, compiling."""
-    dev = ", ".join(f"{len(ex)} {s}" for s, ex in data.dev.items())
-    split = " (NON-STANDARD: train and eval are a split of dev.tsv)" if data.non_standard else ""
-    return (f"{task.dir} ({data.source}): {len(data.train)} train, {dev}{split} | {what}: "
-            f"{counts['adapter']:,} adapter + {counts['head']:,} head parameters trainable | {steps} "
-            f"steps ({why[0]}) of {cfg.batch_size} on {world}×{device.type} | {cfg.precision} ({why[1]}), "
-            f"{'compiled' if cfg.compile else 'eager'} ({why[2]})")
-
-
-def progress(global_step, steps, loss, reg, lr, budget, rate, batch_size):
-    """The progress line: step, task loss, R, learning rate, b(t), examples/s, ETA."""
-    eta = rundir.fmt_time((steps - global_step) / rate)
-    return (f"step {global_step:>{len(str(steps))}}/{steps} | loss {loss:.4f} | R {reg:.4f} | "
-            f"lr {lr:.2e} | b(t) {budget} | {rate * batch_size:.0f} ex/s | ETA {eta}")
-
-
 # --------------------------------------------------------------------------------------------------
 # training
 
 
 def train(cfg, stop_at=None):
-    """Train per cfg; return (summary dict as in metrics.json, model). stop_at: return early once
-    global_step reaches it, without the final evaluation (a stand-in for a killed run in tests)."""
+    """Train per cfg: (metrics.json's summary, model). stop_at: stop there, as a killed run (tests)."""
     rank, world, device, started = setup_distributed(cfg.device)
     try:
         with rundir.claim(cfg) if rank == 0 else contextlib.nullcontext():  # the folder: this run's
@@ -339,7 +319,7 @@ def _train(cfg, rank, world, device, stop_at):
     use_compile, why_compile = compiled.resolve(cfg.compile, device, world, steps)
     cfg = dataclasses.replace(cfg, steps=steps, epochs=None, precision=precision, compile=use_compile)
     counts, why = lora2.count_parameters(model), (why_steps, why_precision, why_compile)
-    say(header(task, data, "LoRA²", counts, steps, cfg, world, device, why))
+    say(rundir.header(task, data, "LoRA²", counts, steps, cfg, world, device, why))
 
     # the Pruner (L5)–(L8) with t_i, t_f in steps (L7); AdamW and its schedule
     t_i, t_f = round(cfg.init_warmup * steps), round(cfg.final_warmup * steps)
@@ -391,8 +371,8 @@ def _train(cfg, rank, world, device, stop_at):
         loss_sum, reg_sum, n_sum = loss_sum + loss_task, reg_sum + reg, n_sum + 1  # no host sync
         if global_step % cfg.log_every == 0 or global_step == steps:
             rate, lr = (global_step - start_step) / (time.time() - t0), scheduler.get_last_lr()[0]
-            say(progress(global_step, steps, float(loss_sum) / n_sum, float(reg_sum) / n_sum, lr,
-                         pruner.budget(global_step - 1), rate, cfg.batch_size))
+            say(rundir.progress(global_step, steps, float(loss_sum) / n_sum, float(reg_sum) / n_sum, lr,
+                                pruner.budget(global_step - 1), rate, cfg.batch_size))
             loss_sum, reg_sum, n_sum = 0.0, 0.0, 0
         if global_step == steps or (cfg.eval_every and global_step % cfg.eval_every == 0):
             eval_start = time.time()
@@ -430,8 +410,7 @@ def _train(cfg, rank, world, device, stop_at):
 
 
 def evaluate_checkpoint(cfg):
-    """--eval_only --load PATH: rebuild the saved run's model, load adapter + head, evaluate on the
-    same data."""
+    """--eval_only --load PATH: the saved run's model, adapter + head, evaluated on its data."""
     ck, saved = rundir.load_adapter(cfg)
     _, _, device, _ = setup_distributed(saved.device)
     task = glue.TASKS[saved.task]

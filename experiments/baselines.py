@@ -217,7 +217,7 @@ def _train(cfg, rank, world, device, stop_at):
     method = METHODS[cfg.method](backbone, cfg, targets, steps)
     model = method.model.to(device)
     counts = lora2.count_parameters(model)
-    say(train_glue.header(task, data, cfg.method, counts, steps, cfg, world, device,
+    say(rundir.header(task, data, cfg.method, counts, steps, cfg, world, device,
                           (why_steps, why_precision, why_compile)))
 
     optimizer, scheduler, params = train_glue.adamw(model, cfg, steps)
@@ -265,7 +265,7 @@ def _train(cfg, rank, world, device, stop_at):
         if global_step % cfg.log_every == 0 or global_step == steps:
             rate = (global_step - start_step) / (time.time() - t0)
             budget = method.budget(global_step - 1)
-            say(train_glue.progress(global_step, steps, float(loss_sum) / n_sum, float(reg_sum) / n_sum,
+            say(rundir.progress(global_step, steps, float(loss_sum) / n_sum, float(reg_sum) / n_sum,
                                     scheduler.get_last_lr()[0], "-" if budget is None else budget, rate,
                                     cfg.batch_size))
             loss_sum, reg_sum, n_sum = 0.0, 0.0, 0
