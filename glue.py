@@ -201,22 +201,36 @@ class Data:
 
 
 def task_files(name, data_dir=None, fetch=True):
-    """(the folder holding task `name`'s files, their suffix): the GLUE folder (--data_dir, $GLUE_DIR or
-    ./glue_data) if it has the task; else the copy shipped in data/ (SST-2); else the folder after fetching the task
-    into it, if `fetch` allows."""
+    """(the folder holding task `name`'s files, their suffix): the GLUE folder (--data_dir,
+    $GLUE_DIR or ./glue_data) if it has the task; else, when no folder was named, the copy shipped
+    in data/ (SST-2); else the folder after fetching the task into it, if `fetch` allows. A data
+    folder that is a file, or a task folder without its dev files, is an error saying what is
+    missing."""
     task, root = TASKS[name], data_dir_of(data_dir)
-    folder = root / task.dir
-    if all((folder / f"{split}.tsv").exists() for split in task.dev):
+    folder, named = root / task.dir, data_dir or os.environ.get("GLUE_DIR")
+    dev = [folder / f"{split}.tsv" for split in task.dev]
+    if all(path.exists() for path in dev):
         return folder, ".tsv"
     shipped = SHIPPED / task.dir
-    if all((shipped / f"{split}.tsv.xz").exists() for split in ("train", *task.dev)):
+    if not named and all((shipped / f"{split}.tsv.xz").exists() for split in ("train", *task.dev)):
         return shipped, ".tsv.xz"
-    if not fetch:
+    where = (f"--data_dir {root}" if data_dir else f"GLUE_DIR={root}" if named
+             else f"the data folder {root}")
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"{where} is a file, not a folder; give the GLUE folder (holding "
+                                 f"{task.dir}/train.tsv, {task.dir}/{task.dev[0]}.tsv)")
+    if folder.exists():
+        missing = ", ".join(path.name for path in dev if not path.exists())
+        raise FileNotFoundError(f"{where}: {folder} has no {missing}; complete it (GLUE {task.dir} "
+                                f"has train.tsv, {', '.join(p.name for p in dev)}) or remove it to "
+                                f"fetch the task")
+    if not fetch and task.archive:
         raise FileNotFoundError(
-            f"GLUE {task.dir} not found: looked for {folder / (task.dev[0] + '.tsv')}. Drop --no_download to fetch "
-            f"it, or put the GLUE files there ({task.dir}/train.tsv, {task.dir}/{task.dev[0]}.tsv as written by the "
-            f"GLUE download script), or point --data_dir / GLUE_DIR at a folder that has them")
-    fetch_task(root, name)
+            f"GLUE {task.dir} not found in {where}: looked for {dev[0]}. Drop --no_download to "
+            f"fetch it, or put the GLUE files there ({task.dir}/train.tsv, {task.dir}/"
+            f"{task.dev[0]}.tsv as written by the GLUE download script), or point --data_dir / "
+            f"GLUE_DIR at a folder that has them")
+    fetch_task(root, name)  # MRPC, which no archive holds: an error saying how to get it
     return folder, ".tsv"
 
 

@@ -3,7 +3,8 @@
 - adapter.pt: the best evaluation's adapter + head and its config (`--eval_only --load` rebuilds the model from it);
 - train_state.pt: everything `--resume` needs to continue exactly (weights, optimiser, schedule, pruner, RNG, best);
 - metrics.json, the printed summary, the rank pattern as a text heatmap (and rank_pattern.png with --plot);
-- the log lines a run prints: its header (data, parameters, steps, precision, compiling) and progress.
+- the log lines a run prints: its header (data, parameters, steps, precision, compiling), progress;
+- the checks that stop a run that cannot be right: its schedule in steps, divergence, --export_peft.
 Every file is written atomically (formats.atomic_write): a killed run leaves the previous version, never half a file,
 and a failed write (disk full) says so and keeps the previous file. A folder belongs to one run at a time (claim).
 Not here: the training loop and the method (train_glue.py, lora2.py).
@@ -38,6 +39,21 @@ def method_of(cfg):
     return getattr(cfg, "method", "lora2")
 
 
+PRUNED = ("lora2", "adalora")  # the methods that prune on the schedule (L7)
+
+
+def warmup_steps(cfg, steps, source):
+    """(t_i, t_f) of (L7) in steps: --init_warmup and --final_warmup of the run's `steps` (from
+    `source`), rounded. A method that prunes on that schedule (PRUNED) needs T > t_i + t_f: else a
+    one-line error in flag names."""
+    t_i, t_f = round(cfg.init_warmup * steps), round(cfg.final_warmup * steps)
+    if steps <= t_i + t_f and method_of(cfg) in PRUNED:
+        raise ValueError(f"--init_warmup {cfg.init_warmup:g} and --final_warmup "
+                         f"{cfg.final_warmup:g} of {steps} steps ({source}) round to {t_i} + {t_f} "
+                         f"steps, leaving no pruning phase: give more steps or smaller warm-ups")
+    return t_i, t_f
+
+
 def out_dir_of(cfg):
     """--out_dir, default runs/<task>-<method>-s<seed>."""
     return Path(cfg.out_dir or f"runs/{cfg.task}-{method_of(cfg)}-s{cfg.seed}")
@@ -51,14 +67,15 @@ def claim(cfg):
       even on kill -9, so no lock goes stale): a second run into the folder is refused while this one lives;
     - a folder holding a run's files (RUN_FILES) is refused, naming them, unless --resume continues that run from its
       train_state.pt, or --overwrite replaces it (clear deletes them once every check has passed);
-    - the temporary files of an interrupted save (<run file>.<pid>.<random>.tmp) are removed;
-    - --export_peft must be a folder, or not exist yet; one holding an adapter needs --overwrite (or --resume).
+    - the temporary files of an interrupted save (.<run file>.<pid>.<random>.tmp, as
+      formats.atomic_write names them) are removed;
+    - --export_peft passes check_export.
     At the end the .lock goes, and so do the folders this claim created if the run wrote nothing into them (a run
     that failed before its first save leaves no trace).
     """
-    out_dir = out_dir_of(cfg)
-    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # innermost first
+    out_dir, created = out_dir_of(cfg), []
     try:
+        created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # innermost first
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = _lock(out_dir / LOCK)
     except OSError as e:
@@ -77,8 +94,8 @@ def claim(cfg):
         elif found and not (cfg.resume or cfg.overwrite):
             raise ValueError(f"--out_dir {out_dir} already holds a run ({', '.join(found)}); pass --resume to continue "
                              f"it, --overwrite to replace it, or choose another --out_dir")
-        for tmp in out_dir.glob("*.tmp"):
-            if tmp.name.startswith(RUN_FILES):
+        for tmp in out_dir.glob(".*.tmp"):
+            if tmp.name.startswith(tuple(f".{name}." for name in RUN_FILES)):
                 tmp.unlink()
         if cfg.export_peft:
             check_export(Path(cfg.export_peft), cfg)
@@ -135,15 +152,43 @@ def clear(out_dir):
 
 
 def check_export(path, cfg):
-    """--export_peft: a folder (created at the end) whose nearest existing ancestor is a folder, holding no adapter
-    unless --overwrite or --resume."""
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    """--export_peft, before the run: there is an adapter to export, it predicts there as in the
+    run, and `path` is a folder (created at the end) whose nearest existing ancestor is a writable
+    folder, holding no adapter unless --overwrite or --resume."""
+    if (cfg.pooling or ("cls" if cfg.hf else "mean")) != "cls":
+        raise ValueError("--export_peft needs --pooling cls: PEFT loads the adapter onto "
+                         "transformers' AutoModelForSequenceClassification, which classifies from "
+                         "the [CLS] pooler, so a classifier on --pooling mean (the default without "
+                         "--hf) would predict differently there; train with --pooling cls to "
+                         "export")
+    if cfg.target_rank == 0 and method_of(cfg) == "lora2":
+        raise ValueError("--export_peft with --target_rank 0: pruning keeps no singular value, so "
+                         "there is no adapter to export; pass --target_rank 1 or more, or drop "
+                         "--export_peft")
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+    except OSError as e:
+        raise OSError(f"--export_peft {path}: cannot reach it ({e.strerror or e}); choose a "
+                      f"writable folder") from None
     if not existing.is_dir():
         raise ValueError(f"--export_peft {path}: {existing} is a file, not a folder; give a folder path (it is "
                          f"created at the end of the run)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OSError(f"--export_peft {path}: {existing} is not writable; choose a writable folder")
     if (path / "adapter_config.json").exists() and not (cfg.overwrite or cfg.resume):
         raise ValueError(f"--export_peft {path} already holds a PEFT adapter; pass --overwrite to replace it, or "
                          f"choose another folder")
+
+
+def export_peft(cfg, export, done):
+    """--export_peft: export(path, the base model's name or folder); the line to print. A failed
+    write is one OSError that ends with `done` (what is complete all the same)."""
+    try:
+        export(cfg.export_peft, cfg.hf or cfg.model or str(bert.default_model_dir(install=False)))
+    except OSError as e:
+        raise OSError(f"--export_peft {cfg.export_peft}: could not write the PEFT adapter "
+                      f"({e.strerror or e}); {done}") from None
+    return f"wrote a PEFT LoRA adapter to {cfg.export_peft}"
 
 
 def write(path, data):
@@ -163,7 +208,8 @@ def write(path, data):
 RUN_CONTROL = {  # flags that may differ when a run resumes: they change where and how it runs, not what it computes
     "data_dir", "no_download", "out_dir", "save_every", "resume", "overwrite", "log_every", "export_peft", "plot",
     "device", "compile", "compile_backend"}
-EVAL_CONTROL = {"data_dir", "no_download", "device", "eval_only", "load"}  # --eval_only takes the rest from --load
+EVAL_CONTROL = {  # --eval_only takes the rest from --load
+    "data_dir", "no_download", "device", "eval_only", "load", "export_peft", "overwrite"}
 KINDS = {"adapter": "an adapter.pt (best adapter + head, for --eval_only --load)",
          "train_state": "a train_state.pt (resumable training state, for --resume)"}
 
@@ -195,15 +241,45 @@ def load_checkpoint(path, kind, map_location="cpu"):
     return ck
 
 
+def check_finite(step, n, cfg, loss, reg):
+    """Stop a diverged run: a one-line error if the task loss or the regulariser R, each summed
+    over the last n steps up to `step` (on the device: no host sync before this call), is not
+    finite. The loop calls it before it logs, evaluates or saves, so nothing diverged is kept."""
+    for what, total in (("the task loss", loss), ("the regulariser R", reg)):
+        if not math.isfinite(float(total)):
+            steps = f"step {step}" if n == 1 else f"steps {step - n + 1}-{step}"
+            diverged(f"{what} became {float(total)} in {steps}", cfg)
+
+
+def check_finite_state(state, step, cfg):
+    """Before a checkpoint of `state` ({part: {name: tensor}}, e.g. lora2_state) is written: every
+    tensor is finite, else the error of a diverged run."""
+    for part in state.values():
+        bad = next((k for k, v in part.items() if v.is_floating_point() and not v.isfinite().all()),
+                   None)
+        if bad is not None:
+            diverged(f"{bad} holds non-finite values at step {step}", cfg)
+
+
+def diverged(what, cfg):
+    """The one-line error of a run that diverged: what went non-finite, and what to try."""
+    clip = f"a smaller --clip (now {cfg.clip:g})" if cfg.clip else "--clip 1 (now 0: no clipping)"
+    raise ValueError(f"the run diverged: {what}; lower --lr (now {cfg.lr:g}) or try {clip}; no "
+                     f"checkpoint of the diverged state was written")
+
+
 def save_adapter(path, cfg, step, metrics, state):
-    """adapter.pt: the best evaluation's adapter + head (`state`, e.g. lora2_state), its step, metrics, config."""
+    """adapter.pt: the best evaluation's adapter + head (`state`, e.g. lora2_state), its step,
+    metrics, config; a diverged state is refused (check_finite_state)."""
+    check_finite_state(state, step, cfg)
     torch_save({"kind": "adapter", "config": dataclasses.asdict(cfg), "step": step, "metrics": metrics, **state}, path)
 
 
 def load_adapter(cfg):
     """--eval_only: (the adapter.pt of --load, the Config of the run that wrote it, to run where cfg says:
-    EVAL_CONTROL). A flag given on the command line (cfg.given) that disagrees with the checkpoint is an error naming
-    it; so is a setting this version does not know."""
+    EVAL_CONTROL, --export_peft passing check_export). A flag given on the command line (cfg.given)
+    that disagrees with the checkpoint is an error naming it; so is a setting this version does not
+    know."""
     path = cfg.load
     ck = load_checkpoint(path, "adapter")
     names = {f.name for f in dataclasses.fields(cfg)}
@@ -213,6 +289,8 @@ def load_adapter(cfg):
     if "method" not in names:
         ck["config"].pop("method", None)  # LoRA² runs from before train_glue.py lost --method
     ck["config"].setdefault("precision", None)  # from before --precision: bf16 on CUDA, fp32 on the CPU
+    ck["config"]["pooling"] = ck["config"].get("pooling") or "cls"  # None: before --pooling
+    ck["config"]["export_peft"] = None  # where that run exported to: not a setting of this one
     if set(ck["config"]) - names:
         raise ValueError(f"{path} has settings this train_glue.py does not know ({sorted(set(ck['config']) - names)}); "
                          f"it was written by another version")
@@ -221,8 +299,12 @@ def load_adapter(cfg):
     if clash:
         raise ValueError(f"--eval_only takes the settings from {path}, and " + ", ".join(
             f"--{k} {getattr(cfg, k)} contradicts its {k} {saved[k]}" for k in clash) + "; drop those flags")
-    return ck, type(cfg)(**{**saved, "data_dir": cfg.data_dir or saved["data_dir"], "no_download": cfg.no_download,
-                            "device": cfg.device})
+    run = type(cfg)(**{**saved, "data_dir": cfg.data_dir or saved["data_dir"], "resume": False,
+                       **{k: getattr(cfg, k) for k in ("no_download", "device", "export_peft",
+                                                       "overwrite")}})
+    if run.export_peft:
+        check_export(Path(run.export_peft), run)
+    return ck, run
 
 
 def load_trained(load, state, path):
@@ -236,7 +318,9 @@ def load_trained(load, state, path):
 
 def save_train_state(path, cfg, trained, pruner, optimizer, scheduler, device, run):
     """train_state.pt: config, run state (step, elapsed, best, last metrics), the trained tensors, optimiser,
-    schedule, pruner (its state_dict(), or None), RNG."""
+    schedule, pruner (its state_dict(), or None), RNG; a diverged state is refused
+    (check_finite_state)."""
+    check_finite_state(trained, run["global_step"], cfg)
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
     torch_save({"kind": "train_state", "config": dataclasses.asdict(cfg), **run, "model": trained, "rng": rng,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -305,6 +389,8 @@ def load_head(model, state):
 
 SHORT = {"attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
          "attention.self.query_proj": "query", "attention.self.key_proj": "key", "attention.self.value_proj": "value",
+         "attention.attn.q": "query", "attention.attn.k": "key", "attention.attn.v": "value",
+         "attention.attn.o": "attn.out",  # MPNet's
          "attention.output.dense": "attn.out", "intermediate.dense": "inter", "output.dense": "output"}
 SHADES = " ░▒▓█"
 
@@ -396,17 +482,12 @@ def report(cfg, counts, run, data, world, device, out_dir, pattern, notes=(), sc
         png = plot_rank_pattern(pattern, cfg.r, out_dir / "rank_pattern.png",
                                 f"{task.dir} {method_of(cfg)} rank pattern")
         lines += [f"wrote {png}"] if png else []
-    if cfg.export_peft:
-        try:
-            export(cfg.export_peft, cfg.hf or cfg.model or str(bert.default_model_dir(install=False)))
-        except OSError as e:
-            raise OSError(f"--export_peft {cfg.export_peft}: could not write the PEFT adapter ({e.strerror or e}); "
-                          f"the run itself is complete in {out_dir}") from None
-        lines.append(f"wrote a PEFT LoRA adapter to {cfg.export_peft}")
     script = "train_glue.py" if method_of(cfg) == "lora2" else f"experiments/baselines.py --method {method_of(cfg)}"
     lines.append(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'adapter.pt'} "
                  f"(python {script} --eval_only --load {out_dir / 'adapter.pt'})")
     print("\n".join(lines), flush=True)
+    if cfg.export_peft:  # after the summary: a failed write loses none of it
+        print(export_peft(cfg, export, f"the run itself is complete in {out_dir}"), flush=True)
     return summary
 
 

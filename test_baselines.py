@@ -53,10 +53,16 @@ def test_other_methods_run_and_count_the_same_way(tiny, tmp_path, method):
     assert summary["main_metric"] == summary["metrics"]["accuracy"] and summary["best_step"] in (4, 8)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["method"] == saved["args"]["method"] == method and saved["main_metric"] == summary["main_metric"]
+    export = str(tmp_path / "peft") if method != "full" else None  # as the trained model saves
     metrics = baselines.evaluate_checkpoint(baselines.BaselineConfig(
         method=method, eval_only=True, load=str(tmp_path / "run" / "adapter.pt"), data_dir=cfg.data_dir,
-        no_download=True, device="cpu"))
+        no_download=True, device="cpu", export_peft=export))
     assert metrics == summary["metrics"]  # exactly
+    if export:
+        model.save_pretrained(tmp_path / "trained")
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            exported, trained = (tmp_path / "peft" / name), (tmp_path / "trained" / name)
+            assert exported.read_bytes() == trained.read_bytes(), name
     other = "full" if method != "full" else "lora"
     with pytest.raises(ValueError, match=f"is a --method {method} run; pass --method {method}"):
         baselines.evaluate_checkpoint(baselines.BaselineConfig(
@@ -81,6 +87,24 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny, tmp_path, meth
     assert state_a.keys() == state_b.keys()
     for key in state_a:
         assert torch.equal(state_a[key], state_b[key]), key
+
+
+def test_a_diverged_run_stops_and_warmups_are_checked_where_they_count(tiny, tmp_path):
+    """train_glue.py's checks in the baselines' loop and config: a run whose loss becomes nan stops
+    with one line and keeps nothing of it; AdaLoRA's warm-ups must leave a pruning phase (before:
+    PEFT's error, after the data loaded), LoRA's and full fine-tuning's do not count."""
+    with pytest.raises(ValueError, match=r"^the run diverged: the task loss became nan in steps "
+                                         r"\d+-4; lower --lr \(now 1e\+06\) or try --clip 1 "
+                                         r"\(now 0: no clipping\)"):
+        baselines.train(baseline_config(tiny, tmp_path, "full", steps=8, lr=1e6, clip=0))
+    assert not (tmp_path / "run").exists()
+    short = {**dataclasses.asdict(tiny_config(tiny, tmp_path)), "steps": 3, "init_warmup": 0.5,
+             "final_warmup": 0.49}
+    with pytest.raises(ValueError, match=r"^--init_warmup 0\.5 and --final_warmup 0\.49 of 3 steps "
+                                         r"\(--steps\) round to 2 \+ 1 steps, leaving no pruning"):
+        baselines.BaselineConfig(**short, method="adalora")
+    for method in ("lora", "full"):
+        baselines.BaselineConfig(**short, method=method)
 
 
 def test_user_errors_are_one_line(tiny, tmp_path, capsys):

@@ -87,7 +87,16 @@ def run_settings(out_dir):
     (["--save_every", "-2"], "--save_every"),
     (["--log_every", "0"], "--log_every must be >= 1, got 0"),
     (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
-    (["--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--gamma", "nan"], "--gamma must be a finite number, got nan"),  # passed min() before
+    (["--cross", "nan"], "--cross must be a finite number, got nan"),
+    (["--gamma", "inf"], "--gamma must be a finite number, got inf"),
+    (["--epochs", "inf"], "--epochs must be a finite number, got inf"),  # OverflowError before
+    (["--warmup", "nan"], "--warmup must be a finite number, got nan"),
+    (["--final_warmup", "nan"], "--final_warmup must be a finite number, got nan"),
+    (["--seed", "99999999999999999999"], "--seed must be in [0, 2**32), got 99999999999999999999"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+    (["--steps", "3", "--epochs", "0.5"], "give --steps or --epochs, not both"),  # ran 4 steps
     (["--weight_decay", "-0.1"], "--weight_decay"),
     (["--classifier_dropout", "1"], "--dropout and --classifier_dropout are in [0, 1), got (None, 1.0)"),
     (["--dropout", "-0.1"], "--dropout and --classifier_dropout are in [0, 1), got (-0.1, None)"),
@@ -123,7 +132,8 @@ def test_eval_only_refuses_flags_that_contradict_the_checkpoint(finished, capsys
     message = error_of(["--eval_only", "--load", adapter, "--task", "cola", "--r", "2"])
     assert f"--eval_only takes the settings from {adapter}, and --r 2 contradicts its r 4, --task cola contradicts " \
            f"its task sst2; drop those flags" in message
-    assert "--export_peft" in error_of(["--eval_only", "--load", adapter, "--export_peft", "x"])
+    export = ["--eval_only", "--load", adapter, "--export_peft", "x"]  # a mean-pooled run's
+    assert "--export_peft needs --pooling cls" in error_of(export)
     tg.main(["--eval_only", "--load", adapter, "--task", "sst2", "--r", "4", "--device", "cpu"])  # agreeing flags: fine
     assert "SST-2 lora2 (step" in capsys.readouterr().out
 
@@ -179,11 +189,13 @@ def test_resume_into_a_finished_run_with_other_settings_is_refused(finished, tin
 
 
 def test_stale_temporary_files_are_cleaned(tmp_path):
+    """The temporary files of interrupted saves (atomic_write names them) go; the user's stay."""
     out_dir = tmp_path / "run"
-    write(out_dir / "adapter.pt.4242.0badf00d.tmp", ["half a file"])
-    write(out_dir / "notes.tmp", ["the user's"])
+    for name in (".train_state.pt.4242.0badf00d.tmp", ".adapter.pt.4242.0badf00e.tmp", "notes.tmp",
+                 ".notes.tmp"):
+        write(out_dir / name, ["half a file"])
     with rundir.claim(run_settings(out_dir)):
-        assert sorted(p.name for p in out_dir.iterdir()) == [".lock", "notes.tmp"]
+        assert sorted(p.name for p in out_dir.iterdir()) == [".lock", ".notes.tmp", "notes.tmp"]
 
 
 def test_a_failed_run_leaves_nothing_behind(tiny, tmp_path, monkeypatch, capsys):
@@ -228,7 +240,8 @@ def test_unwritable_out_dir_fails_before_training(tiny, tmp_path, capsys, monkey
 def test_export_peft_at_a_file_fails_before_training(tiny, tmp_path, capsys):
     write(tmp_path / "peft", ["x"])
     for target in (tmp_path / "peft", tmp_path / "peft" / "sub"):
-        message = error_of(argv(tiny, tmp_path / "run", "--export_peft", str(target)), capsys)
+        args = argv(tiny, tmp_path / "run", "--pooling", "cls", "--export_peft", str(target))
+        message = error_of(args, capsys)
         assert f"--export_peft {target}: {tmp_path / 'peft'} is a file, not a folder" in message
 
 
@@ -327,6 +340,122 @@ def test_config_json_errors_name_the_file_and_key(tiny, tmp_path, capsys):
     (tmp_path / "pytorch_model.bin").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="pytorch_model.bin: not a readable PyTorch checkpoint"):
         bert.read_checkpoint(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# issue 27: a run that cannot be right says so (up front where the flags alone decide it)
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Reading the data fails the test: what follows must be refused before."""
+    def read(*args):
+        raise AssertionError("the data was read")
+    monkeypatch.setattr(tg, "load_run_data", read)
+
+
+def test_export_peft_of_a_mean_pooled_classifier_is_refused_up_front(tiny, tmp_path, no_data):
+    """PEFT loads the adapter onto AutoModelForSequenceClassification, which reads the [CLS]
+    pooler; a classifier on mean pooling would predict differently there (27 % of the predictions
+    agreed before)."""
+    message = error_of(argv(tiny, tmp_path / "run", "--export_peft", str(tmp_path / "peft")))
+    assert message.endswith(
+        "--export_peft needs --pooling cls: PEFT loads the adapter onto transformers' "
+        "AutoModelForSequenceClassification, which classifies from the [CLS] pooler, so a "
+        "classifier on --pooling mean (the default without --hf) would predict differently there; "
+        "train with --pooling cls to export")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "peft").exists()
+    defaults = dict(pooling=None, hf=None, target_rank=2, overwrite=False, resume=False)
+    for given in (dict(pooling="cls"), dict(hf="bert-base-uncased"), dict(hf="x", pooling="cls")):
+        rundir.check_export(tmp_path / "peft", types.SimpleNamespace(**{**defaults, **given}))
+    hf_mean = types.SimpleNamespace(**{**defaults, "hf": "x", "pooling": "mean"})
+    with pytest.raises(ValueError, match="--export_peft needs --pooling cls"):
+        rundir.check_export(tmp_path / "peft", hf_mean)
+
+
+def test_a_diverged_run_stops_and_keeps_no_checkpoint_of_it(tiny, tmp_path):
+    """--lr 50 without clipping: the loss is nan from step 2. The run stops at the check of step 2
+    (an evaluation) with one line; of its checkpoints only step 1's train_state.pt, all finite, is
+    left. Before: exit 0, a dev accuracy, and an adapter.pt of nan weights. A masking step before
+    any check finds the scores non-finite: lora2.Pruner's error, one line too."""
+    out_dir = tmp_path / "run"
+    flags = ("--lr", "50", "--clip", "0", "--save_every", "1", "--log_every", "4")
+    message = error_of(argv(tiny, out_dir, *flags))
+    assert message.endswith("the run diverged: the task loss became nan in steps 1-2; lower --lr "
+                            "(now 50) or try --clip 1 (now 0: no clipping); no checkpoint of the "
+                            "diverged state was written")
+    assert sorted(p.name for p in out_dir.iterdir()) == ["train_state.pt"]
+    state = torch.load(out_dir / "train_state.pt", weights_only=True)
+    assert state["global_step"] == 1
+    assert all(v.isfinite().all() for part in state["model"].values() for v in part.values())
+    no_checks = ("--eval_every", "0", "--log_every", "100", "--save_every", "0",
+                 "--mask_interval", "1")  # the Pruner's masking of step 3 comes first
+    message = error_of(argv(tiny, tmp_path / "run2", *flags, *no_checks))
+    assert "importance scores are not finite" in message and not (tmp_path / "run2").exists()
+    nan_state = {"adapter": {"layer.lambda_": torch.tensor([1.0, float("nan")])}, "head": {}}
+    with pytest.raises(ValueError, match=r"^the run diverged: layer\.lambda_ holds non-finite "
+                                         r"values at step 3; lower --lr \(now 0\.005\) or try a "
+                                         r"smaller --clip \(now 1\)"):  # finite loss, nan update
+        rundir.save_adapter(tmp_path / "adapter.pt", tg.Config(), 3, {}, nan_state)
+    assert not (tmp_path / "adapter.pt").exists()
+
+
+def test_warmups_that_leave_no_pruning_phase_are_refused_in_flag_names(tiny, tmp_path, monkeypatch,
+                                                                       capsys):
+    """T > t_i + t_f (L7) in the run's steps: from --steps before the data is read, from --epochs
+    once the training set's size is known, before training. Before: the Pruner's internal names,
+    after the data loaded."""
+    args = argv(tiny, tmp_path / "run", "--init_warmup", "0.5", "--final_warmup", "0.49")
+    i = args.index("--steps")
+    with monkeypatch.context() as m:
+        m.setattr(tg, "load_run_data", lambda *a: pytest.fail("the data was read"))
+        message = error_of(args[:i] + ["--steps", "3"] + args[i + 2:])
+    assert message.endswith("--init_warmup 0.5 and --final_warmup 0.49 of 3 steps (--steps) round "
+                            "to 2 + 1 steps, leaving no pruning phase: give more steps or smaller "
+                            "warm-ups")
+    message = error_of(args[:i] + ["--epochs", "0.5"] + args[i + 2:], capsys)  # 64 / 8 / 2 steps
+    assert message.endswith("--init_warmup 0.5 and --final_warmup 0.49 of 4 steps (--epochs 0.5) "
+                            "round to 2 + 2 steps, leaving no pruning phase: give more steps or "
+                            "smaller warm-ups")
+
+
+def test_export_peft_unwritable_or_with_nothing_to_export_is_refused_up_front(tiny, tmp_path,
+                                                                              monkeypatch, no_data):
+    """Found only after the whole run before, and the metric and rank pattern went unprinted."""
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    access = rundir.os.access  # root, running the tests, writes through chmod: os.access says no
+    monkeypatch.setattr(rundir.os, "access", lambda path, mode: Path(path) != read_only
+                        and access(path, mode))
+    peft = read_only / "peft"
+    message = error_of(argv(tiny, tmp_path / "run", "--pooling", "cls", "--export_peft", str(peft)))
+    assert message.endswith(f"--export_peft {peft}: {read_only} is not writable; choose a writable "
+                            f"folder")
+    message = error_of(argv(tiny, tmp_path / "run", "--pooling", "cls", "--target_rank", "0",
+                            "--export_peft", str(tmp_path / "peft")))
+    assert message.endswith("--export_peft with --target_rank 0: pruning keeps no singular value, "
+                            "so there is no adapter to export; pass --target_rank 1 or more, or "
+                            "drop --export_peft")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["read_only"]
+
+
+def test_out_dir_under_an_unreadable_folder_names_the_flag(tiny, tmp_path, monkeypatch, no_data):
+    locked = tmp_path / "locked"
+    exists = Path.exists
+
+    def stat(path):  # os.stat under a folder without search permission (root has it)
+        if locked in path.parents:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return exists(path)
+    monkeypatch.setattr(Path, "exists", stat)
+    message = error_of(argv(tiny, locked / "run"))  # before: "[Errno 13] Permission denied: ..."
+    assert message.endswith(f"--out_dir {locked / 'run'}: cannot create or write to it (Permission "
+                            f"denied); choose a writable folder")
+    peft = locked / "peft"
+    message = error_of(argv(tiny, tmp_path / "run", "--pooling", "cls", "--export_peft", str(peft)))
+    assert message.endswith(f"--export_peft {peft}: cannot reach it (Permission denied); choose a "
+                            f"writable folder")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------------------------------------------------

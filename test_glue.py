@@ -110,6 +110,46 @@ def test_shipped_sst2_is_read_when_no_glue_folder_has_it(tmp_path, monkeypatch):
         glue.load_task("rte", tmp_path / "mine", fetch=False)
 
 
+def test_a_named_folder_without_the_task_is_an_error_not_the_shipped_copy(tmp_path, monkeypatch):
+    """--data_dir or GLUE_DIR that does not hold the task (a file, a typo, a folder without dev.tsv)
+    is an error saying what is missing, for SST-2 as for RTE; the shipped SST-2 is read only when no
+    folder was named. Before: SST-2 came from data/ without a word."""
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./glue_data here
+    a_file, typo = write(tmp_path / "a_file", ["x"]), tmp_path / "typo"
+    half = tmp_path / "half"
+    write(half / "SST-2" / "train.tsv", ["sentence\tlabel", "a \t1"])
+    for name in ("sst2", "rte"):
+        with pytest.raises(NotADirectoryError) as e:
+            glue.load_task(name, a_file, fetch=False)
+        assert str(e.value).startswith(f"--data_dir {a_file} is a file, not a folder; give the")
+        with pytest.raises(FileNotFoundError) as e:
+            glue.load_task(name, typo, fetch=False)
+        task = glue.TASKS[name].dir
+        assert str(e.value).startswith(f"GLUE {task} not found in --data_dir {typo}: looked for "
+                                       f"{typo / task / 'dev.tsv'}")
+    with pytest.raises(FileNotFoundError) as e:
+        glue.load_task("sst2", half)  # before any fetch
+    assert str(e.value) == (f"--data_dir {half}: {half / 'SST-2'} has no dev.tsv; complete it "
+                            f"(GLUE SST-2 has train.tsv, dev.tsv) or remove it to fetch the task")
+    monkeypatch.setenv("GLUE_DIR", str(typo))
+    with pytest.raises(FileNotFoundError, match=f"GLUE SST-2 not found in GLUE_DIR={typo}: "):
+        glue.load_task("sst2", fetch=False)
+    monkeypatch.delenv("GLUE_DIR")
+    assert glue.task_files("sst2", fetch=False) == (glue.SHIPPED / "SST-2", ".tsv.xz")  # none named
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "half"]  # nothing created
+
+
+def test_mrpc_missing_says_how_to_get_it_even_with_no_download(tmp_path):
+    """MRPC is in no GLUE archive: dropping --no_download would not help; the error says how to
+    get it."""
+    with pytest.raises(FileNotFoundError) as e:
+        glue.load_task("mrpc", tmp_path, fetch=False)
+    assert str(e.value).startswith(f"{tmp_path / 'MRPC' / 'dev.tsv'} not found, and MRPC is not in "
+                                   f"the GLUE archives (licence). Run the GLUE download script")
+    assert "--no_download" not in str(e.value) and list(tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # fetching
 

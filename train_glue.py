@@ -81,7 +81,7 @@ class Config:
     epochs: Optional[float] = _opt(None, "set the steps from epochs over the training set instead")
     warmup: float = _opt(0.06, "linear lr warm-up, a fraction of the steps; then linear decay to 0")
     clip: float = _opt(1.0, "gradient-norm clipping (0: none)")
-    seed: int = _opt(0, "seed of initialisation, dropout and data order")
+    seed: int = _opt(0, "seed of initialisation, dropout and data order, in [0, 2**32)")
     # run
     eval_every: int = _opt(0, "evaluate every N steps (0: only at the end)")
     log_every: int = _opt(100, "progress line every N steps")
@@ -107,6 +107,8 @@ class Config:
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise ValueError(f"--{f.name} must be one of {choices}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):  # nan passes min() and <
+                raise ValueError(f"--{f.name} must be a finite number, got {value}")
         ti, tf, drops = self.init_warmup, self.final_warmup, (self.dropout, self.classifier_dropout)
         sizes = (self.train_size or 0, self.eval_size or 0, self.eval_every, self.save_every)
         for ok, message in [
@@ -120,6 +122,8 @@ class Config:
                 (min(self.batch_size, self.mask_interval, self.length_groups) >= 1,
                  "--batch_size, --mask_interval and --length_groups must be >= 1"),
                 (self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+                (self.steps is None or self.epochs is None, "give --steps or --epochs, not both"),
+                (0 <= self.seed < 2 ** 32, f"--seed must be in [0, 2**32), got {self.seed}"),
                 (self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}"),
                 (0 < self.lr < math.inf, f"--lr must be a positive number, got {self.lr}"),
                 (self.clip >= 0,
@@ -140,6 +144,8 @@ class Config:
                 (not (self.model and self.hf), "give --model or --hf, not both")]:
             if not ok:
                 raise ValueError(message)
+        if self.steps is not None and self.epochs is None:
+            rundir.warmup_steps(self, self.steps, "--steps")
 
 
 # The authors' scripts (SPEC §5, DeBERTaV3-base, batch 32, k = 8). t_i, t_f and warm-up are in steps
@@ -183,6 +189,8 @@ def parse_config(argv=None, config=Config, description=__doc__.split("\n\n")[0])
             p.add_argument(f"--{f.name}", type=tp, choices=f.metadata["choices"], help=text)
     given = vars(p.parse_args(argv))  # only the flags given: presets fill the rest
     values = paper_preset(given.get("task", config.task)) if given.get("preset") == "paper" else {}
+    if "steps" in given:  # a length given on the command line replaces the preset's
+        values.pop("epochs", None)
     cfg = config(**{**values, **given})
     cfg.given = frozenset(given)
     return cfg
@@ -316,13 +324,13 @@ def _train(cfg, rank, world, device, stop_at):
     lengths = tuple(len(ids) for ids, _ in train_enc)
     precision, why_precision = resolve_precision(cfg.precision, device)
     steps, why_steps = run_length(cfg, len(data.train), precision)
+    t_i, t_f = rundir.warmup_steps(cfg, steps, why_steps)  # (L7) in steps, checked before training
     use_compile, why_compile = compiled.resolve(cfg.compile, device, world, steps)
     cfg = dataclasses.replace(cfg, steps=steps, epochs=None, precision=precision, compile=use_compile)
     counts, why = lora2.count_parameters(model), (why_steps, why_precision, why_compile)
     say(rundir.header(task, data, "LoRA²", counts, steps, cfg, world, device, why))
 
     # the Pruner (L5)–(L8) with t_i, t_f in steps (L7); AdamW and its schedule
-    t_i, t_f = round(cfg.init_warmup * steps), round(cfg.final_warmup * steps)
     pruner = lora2.Pruner(model, cfg.target_rank, steps, t_i, t_f, cfg.mask_interval,
                           scored=cfg.scored)
     optimizer, scheduler, params = adamw(model, cfg, steps)
@@ -369,12 +377,17 @@ def _train(cfg, rank, world, device, stop_at):
         global_step += 1
 
         loss_sum, reg_sum, n_sum = loss_sum + loss_task, reg_sum + reg, n_sum + 1  # no host sync
+        evaluating = global_step == steps or (cfg.eval_every and global_step % cfg.eval_every == 0)
+        saving = rank == 0 and cfg.save_every and (global_step % cfg.save_every == 0
+                                                   or global_step == steps)
+        if global_step % cfg.log_every == 0 or evaluating or saving:  # diverged: stop, keep nothing
+            rundir.check_finite(global_step, n_sum, cfg, loss_sum, reg_sum)
         if global_step % cfg.log_every == 0 or global_step == steps:
             rate, lr = (global_step - start_step) / (time.time() - t0), scheduler.get_last_lr()[0]
             say(rundir.progress(global_step, steps, float(loss_sum) / n_sum, float(reg_sum) / n_sum, lr,
                                 pruner.budget(global_step - 1), rate, cfg.batch_size))
             loss_sum, reg_sum, n_sum = 0.0, 0.0, 0
-        if global_step == steps or (cfg.eval_every and global_step % cfg.eval_every == 0):
+        if evaluating:
             eval_start = time.time()
             metrics = run["last_metrics"] = evaluate(model, dev_data, task, pad_id, device, precision)
             best, main = run["best"], task.metrics[0]
@@ -387,7 +400,7 @@ def _train(cfg, rank, world, device, stop_at):
             scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             say(f"eval at step {global_step}: {scores}" + (" (best)" if is_best else ""))
             t0 += time.time() - eval_start  # evaluation time is not training time
-        if cfg.save_every and rank == 0 and (global_step % cfg.save_every == 0 or global_step == steps):
+        if saving:
             now = {**run, "global_step": global_step, "elapsed": run["elapsed"] + time.time() - t0}
             rundir.save_train_state(state_path, cfg, rundir.lora2_state(model), pruner, optimizer,
                                     scheduler, device, now)
@@ -410,13 +423,14 @@ def _train(cfg, rank, world, device, stop_at):
 
 
 def evaluate_checkpoint(cfg):
-    """--eval_only --load PATH: the saved run's model, adapter + head, evaluated on its data."""
+    """--eval_only --load PATH: the saved run's model, adapter + head, evaluated on its data; with
+    --export_peft, then exported as a PEFT adapter."""
     ck, saved = rundir.load_adapter(cfg)
     _, _, device, _ = setup_distributed(saved.device)
     task = glue.TASKS[saved.task]
-    backbone, tokenize, pad_id, targets = bert.load_classifier(  # pooling None: before --pooling
+    backbone, tokenize, pad_id, targets = bert.load_classifier(
         task.num_labels, saved.model, saved.hf, saved.classifier_dropout, saved.max_len,
-        saved.pooling or "cls", saved.dropout)
+        saved.pooling, saved.dropout)
     lora2.inject(backbone, targets, r=saved.r, k=saved.k, alpha=saved.alpha, init=saved.init)
     rundir.load_trained(functools.partial(rundir.load_lora2_state, backbone), ck, cfg.load)
     model = backbone.to(device)
@@ -427,6 +441,9 @@ def evaluate_checkpoint(cfg):
     metrics = evaluate(model, dev_data, task, pad_id, device, precision)
     print(f"{task.dir} lora2 (step {ck['step']} of {cfg.load}): "
           + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if saved.export_peft:
+        print(rundir.export_peft(saved, functools.partial(formats.save_peft, model),
+                                 "the evaluation above is complete"))
     return metrics
 
 
@@ -437,7 +454,8 @@ def main(argv=None):
             evaluate_checkpoint(cfg)
         else:
             train(cfg)
-    except (ValueError, ImportError, OSError) as e:  # mistakes, bad files, full disks: one line
+    # mistakes, bad files, full disks, a diverged run's scores (lora2.Pruner): one line
+    except (ValueError, ImportError, OSError, FloatingPointError) as e:
         sys.exit(f"train_glue.py: error: {' '.join(str(e).split())}")
 
 

@@ -48,7 +48,8 @@ def _peft():
 
 class Baseline:
     """What the baselines share: no regulariser, no pruning, adapter.pt = every trainable tensor apart from the head
-    (plus PEFT's adapter buffers), the head as train_glue.py saves it. steps=None builds one for evaluation only."""
+    (plus PEFT's adapter buffers), the head as train_glue.py saves it. Each method is built for a
+    run of `steps` steps (AdaLoRA's schedule), to train or to evaluate."""
     final_phase = 0  # the first step the best checkpoint is chosen from: nothing is pruned, so any evaluation
 
     def __init__(self, model):
@@ -95,7 +96,7 @@ def _peft_model(model, config):
 class LoRA(Baseline):
     """PEFT LoRA of rank --r, α = --alpha, on the same target matrices as LoRA²."""
 
-    def __init__(self, model, cfg, targets, steps=None):
+    def __init__(self, model, cfg, targets, steps):
         peft = _peft()
         super().__init__(_peft_model(model, peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0,
                                                              target_modules=list(targets))))
@@ -109,14 +110,15 @@ class AdaLoRA(Baseline):
     """PEFT AdaLoRA at LoRA²'s budget (init_r = --r, target_r = --target_rank) and schedule (L7), with its own
     regulariser (AdaLoRA eq. 4 as its code computes it: un-squared norms, the mean over P and Q matrices)."""
 
-    def __init__(self, model, cfg, targets, steps=None):
+    def __init__(self, model, cfg, targets, steps):
         peft = _peft()
-        t_i, t_f = (round(cfg.init_warmup * steps), round(cfg.final_warmup * steps)) if steps else (0, 0)
+        t_i, t_f = rundir.warmup_steps(cfg, steps, "--steps")
         config = peft.AdaLoraConfig(init_r=cfg.r, target_r=cfg.target_rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
                                     target_modules=list(targets), tinit=t_i, tfinal=t_f, deltaT=cfg.mask_interval,
-                                    beta1=0.85, beta2=0.85, orth_reg_weight=cfg.gamma, total_step=steps or cfg.steps)
+                                    beta1=0.85, beta2=0.85, orth_reg_weight=cfg.gamma,
+                                    total_step=steps)
         super().__init__(_peft_model(model, config))
-        self.final_phase = (steps or 0) - t_f
+        self.final_phase = steps - t_f
 
     def regularizer(self):
         """PEFT adds its regulariser only to outputs that carry a .loss, so the loop adds it, as γ·R like LoRA²'s."""
@@ -148,11 +150,21 @@ class AdaLoRA(Baseline):
             setattr(allocator, key, state[key])
         self.model.peft_config["default"].rank_pattern = state["rank_pattern"]
 
+    def load_trained_state(self, state):
+        """Baseline's; a model without a rank pattern yet (--eval_only) takes PEFT's from the loaded
+        lora_E (pruned: 0), so that save_pretrained writes the adapter as the run did."""
+        super().load_trained_state(state)
+        config = self.model.peft_config["default"]
+        if config.rank_pattern is None:
+            named = self.model.base_model.model.named_parameters()
+            config.rank_pattern = {n: (p != 0).flatten().tolist() for n, p in named
+                                   if "lora_E" in n}
+
 
 class Full(Baseline):
     """Full fine-tuning: every weight trains; "adapter" params are the whole backbone."""
 
-    def __init__(self, model, cfg, targets, steps=None):
+    def __init__(self, model, cfg, targets, steps):
         super().__init__(model.requires_grad_(True))
 
 
@@ -212,6 +224,7 @@ def _train(cfg, rank, world, device, stop_at):
     lengths = tuple(len(ids) for ids, _ in train_enc)
     precision, why_precision = train_glue.resolve_precision(cfg.precision, device)
     steps, why_steps = train_glue.run_length(cfg, len(data.train), precision)
+    rundir.warmup_steps(cfg, steps, why_steps)  # AdaLoRA's schedule (L7), checked before training
     use_compile, why_compile = compiled.resolve(cfg.compile, device, world, steps)
     cfg = dataclasses.replace(cfg, steps=steps, epochs=None, precision=precision, compile=use_compile)
     method = METHODS[cfg.method](backbone, cfg, targets, steps)
@@ -262,6 +275,11 @@ def _train(cfg, rank, world, device, stop_at):
         global_step += 1
 
         loss_sum, reg_sum, n_sum = loss_sum + loss_task, reg_sum + (0.0 if reg is None else reg), n_sum + 1
+        evaluating = global_step == steps or (cfg.eval_every and global_step % cfg.eval_every == 0)
+        saving = rank == 0 and cfg.save_every and (global_step % cfg.save_every == 0
+                                                   or global_step == steps)
+        if global_step % cfg.log_every == 0 or evaluating or saving:  # diverged: stop, keep nothing
+            rundir.check_finite(global_step, n_sum, cfg, loss_sum, reg_sum)
         if global_step % cfg.log_every == 0 or global_step == steps:
             rate = (global_step - start_step) / (time.time() - t0)
             budget = method.budget(global_step - 1)
@@ -269,7 +287,7 @@ def _train(cfg, rank, world, device, stop_at):
                                     scheduler.get_last_lr()[0], "-" if budget is None else budget, rate,
                                     cfg.batch_size))
             loss_sum, reg_sum, n_sum = 0.0, 0.0, 0
-        if global_step == steps or (cfg.eval_every and global_step % cfg.eval_every == 0):
+        if evaluating:
             eval_start = time.time()
             run["last_metrics"] = metrics = train_glue.evaluate(model, dev_data, task, pad_id, device, precision)
             best, main = run["best"], task.metrics[0]
@@ -281,7 +299,7 @@ def _train(cfg, rank, world, device, stop_at):
             say(f"eval at step {global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                 + (" (best)" if is_best else ""))
             t0 += time.time() - eval_start  # evaluation time is not training time
-        if cfg.save_every and rank == 0 and (global_step % cfg.save_every == 0 or global_step == steps):
+        if saving:
             rundir.save_train_state(state_path, cfg, method.trained_state(), method, optimizer, scheduler, device,
                                     {**run, "global_step": global_step,
                                      "elapsed": run["elapsed"] + time.time() - t0})
@@ -300,7 +318,7 @@ def _train(cfg, rank, world, device, stop_at):
 
 def evaluate_checkpoint(cfg):
     """--eval_only --load PATH: rebuild the saved run's model and method, load adapter + head, evaluate on the same
-    data."""
+    data; with --export_peft, then save it as PEFT's save_pretrained does."""
     method = rundir.load_checkpoint(cfg.load, "adapter")["config"].get("method", "lora2")
     if method not in METHODS:
         raise ValueError(f"{cfg.load} is a LoRA² run; evaluate it with python train_glue.py --eval_only --load "
@@ -310,10 +328,10 @@ def evaluate_checkpoint(cfg):
     ck, saved = rundir.load_adapter(cfg)
     _, _, device, _ = train_glue.setup_distributed(saved.device)
     task = glue.TASKS[saved.task]
-    backbone, tokenize, pad_id, targets = bert.load_classifier(  # pooling None: from before --pooling
-        task.num_labels, saved.model, saved.hf, saved.classifier_dropout, saved.max_len, saved.pooling or "cls",
-        saved.dropout)
-    method = METHODS[saved.method](backbone, saved, targets)
+    backbone, tokenize, pad_id, targets = bert.load_classifier(
+        task.num_labels, saved.model, saved.hf, saved.classifier_dropout, saved.max_len,
+        saved.pooling, saved.dropout)
+    method = METHODS[saved.method](backbone, saved, targets, saved.steps)
     rundir.load_trained(method.load_trained_state, ck, cfg.load)
     model = method.model.to(device)
     dev = glue.load(saved.task, saved.data_dir, saved.dev_split, saved.train_size, saved.eval_size,
@@ -323,6 +341,9 @@ def evaluate_checkpoint(cfg):
     metrics = train_glue.evaluate(model, dev_data, task, pad_id, device, precision)
     print(f"{task.dir} {saved.method} (step {ck['step']} of {cfg.load}): "
           + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if saved.export_peft:
+        print(rundir.export_peft(saved, lambda path, base: model.save_pretrained(path),
+                                 "the evaluation above is complete"))
     return metrics
 
 
