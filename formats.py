@@ -114,7 +114,7 @@ def write_safetensors(tensors, path, metadata=None):
         if t.dtype not in names:
             raise ValueError(f"write_safetensors: {key!r} has dtype {t.dtype}, not one of {list(names)}")
         t = t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)  # own, compact, row-major storage
-        data = bytes(t.untyped_storage())
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # the raw bytes, in one copy
         header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)
         offset += len(data)

@@ -268,8 +268,8 @@ def test_mean_pooling_loads_a_checkpoint_with_or_without_a_pooler(tmp_path, recw
                                                                            "bert.pooler.dense.bias")])
     bert.from_pretrained(tmp_path / "nopool", num_labels=2, pooling="mean")
     assert not [w for w in recwarn if "pooler" in str(w.message)]           # nothing to warn about without a pooler
-    with pytest.raises(ValueError, match="--pooling mean is for bert.py's BERT"):
-        bert.load_classifier(2, hf="any-transformers-model", pooling="mean")
+    with pytest.raises(ValueError, match=r"--pooling must be one of \('cls', 'mean'\), got 'max'"):
+        bert.load_classifier(2, hf="any-model", pooling="max")   # --hf takes both (test_mpnet)
 
 
 # -------------------------------------------------------------------------------------------------- default_model_dir

@@ -375,3 +375,130 @@ def test_quick_sweep_report_medians_and_order(tmp_path, monkeypatch):
     assert table == ["| b | `` | 4 | 86.00 | 86.00 | 86.00 | 0.00 | 86.0 86.0 86.0 86.0 |",  # the higher mean first
                      "| a | `--lr 1` | 4 | 81.25 | 82.50 | 85.00 | 20.00 | 80.0 90.0 85.0 70.0 |"]  # failed: left out
     assert "8 runs on cpu; 100–103 s a run." in (tmp_path / "Q.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# the study at base size (--backbone mpnet) and the report of both backbones
+
+
+def test_the_mpnet_plan_runs_the_five_methods_through_hf_with_mean_pooling():
+    plan = study.mpnet_plan()
+    runs = study.plan_runs(plan)
+    assert plan.backbone == study.MPNET and len(runs) == len({r.id for r in runs}) == 4 * 5 * 3
+    first = {(t, c) for t in ("cola", "rte") for c in study.MAIN}
+    assert {(r.task, r.config.name) for r in runs[:30]} == first
+    assert [r.id for r in runs[:6]] == ["rte-full-s0", "rte-adalora-s0", "rte-lora2-k8-s0",
+                                        "rte-lora-r8-s0", "rte-lora2-k1-s0", "cola-full-s0"]
+    assert [r.task for r in runs[30:]] == ["qnli"] * 15 + ["sst2"] * 15
+    assert runs[-1].id == "sst2-2ep-full-s2"
+    args = argparse.Namespace(device="cuda", model="/root/mpnet/model", data_dir="/root/mpnet/glue",
+                              compile=True, train_args=None)
+    for run in runs:
+        argv = run.argv(plan, 2490, args, "/root/mpnet/runs/x")
+        assert argv[argv.index("--pooling") + 1] == "mean" and "--model" not in argv
+        assert argv[argv.index("--hf") + 1] == "/root/mpnet/model" and "--compile" in argv
+    rte = next(r for r in runs if r.id == "rte-lora2-k8-s0")
+    want = study.expected_config(rte, plan, 2490)
+    assert (want["pooling"], want["k"], want["r"], want["epochs"]) == ("mean", 8, 4, 50)
+    cls = {"args": {**want, "pooling": "cls"}, "steps": rte.steps(2490, 32)}  # the MiniLM kind
+    assert study.mismatches(rte, cls, plan, 2490) == ["--pooling cls (plan: mean)"]
+    full = study.full_plan()
+    assert study.expected_config(study.plan_runs(full)[0], full, 8551)["pooling"] == "cls"
+
+
+def test_backbone_and_task_jobs_errors_are_one_line(tmp_path):
+    assert study.parse_task_jobs("rte=3, qnli=2") == {"rte": 3, "qnli": 2}
+    assert study.parse_task_jobs(None) == {}
+    for bad in ("rte", "rte=0", "nosuch=2", "rte=x"):
+        with pytest.raises(SystemExit, match="--task_jobs wants TASK=N"):
+            study.parse_task_jobs(bad)
+    for args, message in [
+            (["--backbone", "mpnet", "--device", "cpu"], "--backbone mpnet needs --model DIR"),
+            (["--backbone", "mpnet", "--quick"], "--quick is the MiniLM plan's CI version"),
+            (["--backbone", "mpnet", "--prepare", str(tmp_path / "p")], "experiments/mpnet.py"),
+            (["--model", str(tmp_path), "--device", "cpu"], "no config.json there")]:
+        with pytest.raises(SystemExit) as e:      # a message alone: printed as one line, exit 1
+            study.main(args + ["--out", str(tmp_path / "runs")])
+        assert str(e.value).startswith("study.py: error: ") and message in str(e.value)
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "p").exists()
+
+
+def test_task_jobs_caps_a_task_side_by_side(tiny, tmp_path):
+    model_dir, glue = tiny
+    out = tmp_path / "runs"
+    res = run_study("--quick", "--model", model_dir, "--data_dir", glue, "--device", "cpu",
+                    "--jobs", "2", "--task_jobs", "rte=1", "--parts", "1", "--seeds", "0",
+                    "--out", out, "--no_report")
+    assert res.returncode == 0, res.stdout + res.stderr
+    records = [json.loads(p.read_text()) for p in out.glob("rte-*/study_run.json")]
+    windows = sorted(r["window_s"] for r in records)
+    assert len(windows) == 2 and windows[0][1] <= windows[1][0]   # one after the other: --jobs 2
+
+
+def fake_metrics(run, plan, score):
+    """A metrics.json as a finished MPNet run of `plan` writes it, scoring `score` (by hand)."""
+    n_train = {"cola": 8551, "rte": 2490}[run.task]
+    args = {**study.expected_config(run, plan, n_train), "hf": "/root/mpnet/model"}
+    adapter = {"full": 108_895_872, "lora": 1_327_104, "adalora": 663_840,
+               "lora2": 166_752 if run.config.name == "lora2-k1" else 1_332_000}[run.method]
+    metric = {"cola": "mcc", "rte": "accuracy"}[run.task]
+    return {"task": run.task, "method": run.method, "seed": run.seed, "main_metric": score,
+            "main_metric_name": metric, "metrics": {metric: score}, "best_step": 10,
+            "steps": run.steps(n_train, 32), "adapter_params": adapter, "head_params": 1_538,
+            "total_params": 108_895_872 + 1_538 + (0 if run.method == "full" else adapter),
+            "kept_singular_values": 216, "rank_pattern": {}, "wall_s": 100.0 + run.seed,
+            "train_size": n_train, "non_standard_split": False, "args": args}
+
+
+def minilm_part(text):
+    """RESULTS.md without what the base-size study adds: the backbones' paragraph (it names the
+    folders), the side-by-side table and the section."""
+    head, rest = text.split("## The claims on both backbones")
+    head = "\n\n".join(p for p in head.split("\n\n") if not p.startswith("Two backbones."))
+    rest = "## Results per task" + rest.split("## Results per task", 1)[1]
+    return head + rest.split("## Base size")[0] + "## Appendix" + rest.split("## Appendix")[1]
+
+
+def test_report_with_the_base_size_section_regenerates_byte_identically(tmp_path):
+    """Hand-made MPNet metrics (CoLA and RTE, five methods, three seeds; none of them committed):
+    the base-size section's tables and the side-by-side verdicts come from them, the MiniLM part
+    of RESULTS.md stays as committed, and --report_only writes the same bytes again."""
+    plan, base = study.mpnet_plan(), tmp_path / "mpnet"
+    scores = {"lora2-k8": 0.60, "lora-r8": 0.50, "lora2-k1": 0.58, "adalora": 0.59, "full": 0.61}
+    for run in study.plan_runs(plan)[:30]:
+        (base / run.id).mkdir(parents=True)
+        m = fake_metrics(run, plan, scores[run.config.name] + 0.01 * run.seed)
+        (base / run.id / "metrics.json").write_text(json.dumps(m))
+    constants = {"cola": 0.0, "rte": 0.527, "qnli": 0.507, "sst2": 0.509}
+    (base / "study.json").write_text(json.dumps({"constant_scores": constants,
+                                                 "epochs": {"sst2": 2}}))
+    md = tmp_path / "RESULTS.md"
+    md.write_text((HERE / "RESULTS.md").read_text())                     # its hand-written block
+    args = ("--report_only", "--results", md, "--base_out", base, "--data_dir", tmp_path / "none")
+    first = run_study(*args)
+    assert first.returncode == 0, first.stderr
+    text = md.read_text()
+    section = text.split("## Base size: MPNet-base")[1]
+    assert "has not run" not in section
+    assert "| 1. CoLA, RTE × the five methods | 30 | 30 |" in section
+    assert "| LoRA² k=8 | 1,332,000 | 1,538 | 6,675 | 3 | 61.0 | 60.0–62.0 | yes |" in section
+    # RTE's constant predictor is 52.7: LoRA r=8 at 51.0 did not learn it
+    assert "| LoRA r=8 | 1,327,104 | 1,538 | 3,850 | 3 | 51.0 | 50.0–52.0 | no |" in section
+    c1, a1 = ([line for line in text.splitlines() if line.startswith(f"| {c} |")][1]
+              for c in ("C1", "A1"))                                      # the side-by-side rows
+    assert c1.endswith("| **holds**: cola +10.0 win, rte +10.0 win* |")   # MPNet's column
+    assert "**does not hold here**: cola +6.0 win, rte +2.9 win*, qnli -1.3 loss" in c1   # MiniLM's
+    assert a1.endswith("| not in its plan |")
+    assert minilm_part(text) == minilm_part((HERE / "RESULTS.md").read_text())
+    again = run_study(*args)
+    assert again.returncode == 0 and md.read_text() == text
+
+
+def test_the_committed_report_regenerates_byte_identically(tmp_path):
+    """RESULTS.md is what --report_only writes from the committed metrics.json files."""
+    md = tmp_path / "RESULTS.md"
+    md.write_text((HERE / "RESULTS.md").read_text())
+    res = run_study("--report_only", "--results", md, "--png", tmp_path / "results.png")
+    assert res.returncode == 0, res.stderr
+    assert md.read_text() == (HERE / "RESULTS.md").read_text()

@@ -26,6 +26,41 @@ runs still going then are stopped. Runs save train_state.pt every 10 % of their 
 a stopped run continues from its checkpoint in the next invocation on the same machine (--detach keeps a study going
 across calls of a warm machine), or on a fresh one when `--pack_states` carried its checkpoint back (5.6–7.7 MiB for an
 adapter run). A failed run is logged and reported, never fatal.
+
+The study at base size (issue 29), `--backbone mpnet`: MPNet-base (all-mpnet-base-v2, 12 layers,
+width 768) through train_glue.py's --hf, every run with --pooling mean (the checkpoint's pooling),
+the five methods in three parts (1. CoLA and RTE, 2. QNLI, 3. SST-2 capped; no ablations), runs in
+experiments/runs/mpnet/, RESULTS.md's section "Base size". Its float16 weights (209 MiB) travel to
+one GPU in four pieces (experiments/mpnet.py), one per call, into /root/mpnet outside the working
+tree, which a warm machine keeps between calls; each call must come within 30 s of the last:
+
+    python experiments/mpnet.py prepare --data_dir $GLUE_DIR  # .device/mpnet: pieces, SHA256SUMS
+    # calls 1, 2, 3 (N = 1, 2, 3), carry [".device/mpnet/mpnet.tar.gz.N"]:
+    mkdir -p /root/mpnet && mv .device/mpnet/mpnet.tar.gz.N /root/mpnet/ && ls -l /root/mpnet
+    # call 4, carry [".device/mpnet/mpnet.tar.gz.4"]: join, check the sha256, unpack, load the model
+    mkdir -p /root/mpnet && mv .device/mpnet/mpnet.tar.gz.4 /root/mpnet/ && cd /root/mpnet && \
+        for p in mpnet.tar.gz.1 mpnet.tar.gz.2 mpnet.tar.gz.3 mpnet.tar.gz.4; do test -f $p || \
+        { echo "$p is missing: the machine was given back; start again at the first call"; \
+        exit 1; }; done && cat mpnet.tar.gz.1 mpnet.tar.gz.2 mpnet.tar.gz.3 mpnet.tar.gz.4 \
+        > mpnet.tar.gz && \
+        echo "9724f3da4ee37aa338fec2901b09ac94772b8985ffac949bb03b3c1f2c347306  mpnet.tar.gz" | \
+        sha256sum -c - && tar -xzf mpnet.tar.gz && rm mpnet.tar.gz mpnet.tar.gz.1 \
+        mpnet.tar.gz.2 mpnet.tar.gz.3 mpnet.tar.gz.4 && cd - > /dev/null && \
+        python3 experiments/mpnet.py check /root/mpnet/model
+    # the study (nvidia-h100-x1; on an H200 --task_jobs rte=4), detached: it runs on between calls
+    python3 experiments/study.py --backbone mpnet --device cuda --gpus 1 --jobs 6 --task_jobs \
+        rte=2 --compile --model /root/mpnet/model --data_dir /root/mpnet/glue --out \
+        /root/mpnet/runs --no_report --detach --wait 540 --pack $OUT/mpnet.tar.gz
+    python3 experiments/study.py --backbone mpnet --out /root/mpnet/runs --no_run --wait 540 \
+        --pack $OUT/mpnet.tar.gz                        # the next calls, until the study ends
+    python experiments/study.py --backbone mpnet --unpack .../mpnet.tar.gz   # here, after each
+(`python experiments/mpnet.py calls` prints the four calls as one line each; the archive is the
+same bytes at every prepare from the same GLUE files, 205,339,450 bytes in pieces of 49.0 MiB.)
+--task_jobs caps the RTE runs side by side: up to 320 tokens, an RTE run holds many times the GPU
+memory of a CoLA run (a CUDA graph per length bucket); the progress lines show the GPU's memory.
+The runs folder stays outside the working tree, which each call replaces; on a fresh machine, copy
+the runs finished so far into it first (`mkdir -p /root/mpnet/runs && cp -rn
+experiments/runs/mpnet/. /root/mpnet/runs/`).
 """
 import argparse
 import dataclasses
@@ -62,7 +97,6 @@ PAPER = train_glue.PAPER  # task: lr, epochs, max_len, r, target_rank, alpha, t_
                           # cls dropout, wd (SPEC §5)
 PAPER_FIELDS = ("lr", "epochs", "max_len", "r", "target_rank", "alpha", "t_i", "t_f", "mask_interval", "gamma",
                 "warmup", "classifier_dropout", "weight_decay")
-DEFAULT_OUT = HERE / "runs" / "paper"
 OLD_STUDY = HERE / "runs" / "study"      # the 200-step study of issue 6: the appendix
 atomic_write = formats.atomic_write
 
@@ -115,6 +149,25 @@ CONFIGS = [
 
 
 @dataclass(frozen=True)
+class Backbone:
+    """What a study fine-tunes: the checkpoint folder (study.py --model) goes to train_glue.py's
+    --hf (transformers) or --model (bert.py's BERT), with the backbone's flags after the preset."""
+    name: str           # --backbone
+    label: str          # as RESULTS.md names it
+    about: str          # what it is, in RESULTS.md
+    folder: str         # its runs folder under experiments/runs/
+    hf: bool = False
+    flags: tuple = ()   # ((flag, value), ...) of every run, after --preset paper
+
+
+MINILM = Backbone("minilm", "MiniLM-L6", "the packaged all-MiniLM-L6-v2: 6 layers, width 384",
+                  "paper")
+MPNET = Backbone("mpnet", "MPNet-base", "all-mpnet-base-v2: 12 layers, width 768", "mpnet", hf=True,
+                 flags=(("pooling", "mean"),))  # how sentence-transformers trained the checkpoint
+BACKBONES = {b.name: b for b in (MINILM, MPNET)}
+
+
+@dataclass(frozen=True)
 class Part:
     """A group of runs in the priority order: every task × configuration of it, for every seed."""
     name: str
@@ -134,6 +187,7 @@ class Plan:
     saves: int = 10             # train_state.pt checkpoints per run (--save_every = steps // saves)
     logs: int = 50              # progress lines per run
     batch: int = 32
+    backbone: Backbone = MINILM
 
     def config(self, name):
         return next(c for c in self.configs if c.name == name)
@@ -169,6 +223,27 @@ def quick_plan(epochs=None):
         seeds=[0, 1], common={"batch_size": 4, "max_len": 16}, evals=2, saves=2, logs=2, batch=4)
 
 
+def mpnet_plan(epochs=None):
+    """The study at base size (issue 29): MPNet-base through --hf with mean pooling, the five
+    methods of full_plan on its tasks, no ablations. CoLA and RTE come first, RTE and full
+    fine-tuning (the longest on a GPU) first among them, then QNLI's dev split, then SST-2 capped
+    as in full_plan."""
+    plan = full_plan(epochs)
+    first = Part("CoLA, RTE × the five methods", ("rte", "cola"),
+                 ("full", "adalora", "lora2-k8", "lora-r8", "lora2-k1"))
+    return Plan(tasks=plan.tasks, epochs=plan.epochs, configs=[plan.config(n) for n in MAIN],
+                parts=[first, Part("QNLI × the five methods", ("qnli",), MAIN),
+                       Part("SST-2 (capped) × the five methods", ("sst2",), MAIN)],
+                seeds=[0, 1, 2], backbone=MPNET)
+
+
+def plan_of(backbone, quick=False, epochs=None):
+    """The plan of --backbone (minilm, mpnet); --quick: the MiniLM plan's tiny CI version."""
+    if quick:
+        return quick_plan(epochs)
+    return mpnet_plan(epochs) if backbone == MPNET else full_plan(epochs)
+
+
 @dataclass(frozen=True)
 class Run:
     task: str
@@ -202,7 +277,8 @@ class Run:
         """The flags that fix what the run computes (checked against a finished run's metrics.json)."""
         steps = self.steps(n_train, plan.batch)
         interval = max(1, round(paper(self.task, "mask_interval") * steps / paper_steps(self.task)))
-        flags = {"task": self.task, "preset": "paper", **plan.common, **plan.tasks[self.task]}
+        flags = {"task": self.task, "preset": "paper", **dict(plan.backbone.flags), **plan.common,
+                 **plan.tasks[self.task]}
         if self.capped:
             flags["epochs"] = self.epochs
         flags.update(mask_interval=interval, **self.config.resolved(self.task), seed=self.seed,
@@ -217,7 +293,7 @@ class Run:
         control = {"out_dir": folder, "save_every": max(1, steps // plan.saves), "log_every": max(1, steps // plan.logs),
                    "device": args.device}
         if args.model:
-            control["model"] = args.model
+            control["hf" if plan.backbone.hf else "model"] = args.model
         if args.data_dir:
             control["data_dir"] = args.data_dir
         argv = []
@@ -350,6 +426,24 @@ def hardware():
     return info
 
 
+def gpu_memory():
+    """'used/total GiB' of each GPU nvidia-smi lists, for the progress lines ('' without it)."""
+    try:
+        text = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,memory.total",
+                               "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    cells = []
+    for line in text.strip().splitlines():
+        used, _, total = line.partition(",")
+        try:
+            cells.append(f"{float(used) / 1024:.0f}/{float(total) / 1024:.0f} GiB")
+        except ValueError:  # [N/A]
+            continue
+    return ", ".join(cells)
+
+
 def gpu_count():
     try:
         import torch
@@ -437,7 +531,10 @@ def run_all(runs, plan, sizes, args, out, deadline=None, speeds=None, session=No
     With a deadline, a run starts only if it is estimated to end before it (--partial: any run, while a minute or a
     quarter of the time limit is left);
     the runs still going then are stopped (SIGTERM, then SIGKILL) and resume from their last train_state.pt next time.
-    Prints a line per finished run and a progress line every --progress seconds."""
+    args.task_jobs ({task: n}) caps the runs of a task side by side (GPU memory: a base-size RTE
+    run holds far more than a CoLA run): the next run in order starts instead, but none of a later
+    part than a run waiting for its cap (the earlier part ends first).
+    Prints a line per finished run and a progress line (GPU memory too) every --progress seconds."""
     todo = [r for r in runs if result_of(out, r) is None]
     print(f"{len(runs) - len(todo)} of {len(runs)} runs already done, {len(todo)} to run", flush=True)
     speeds = speeds or Speeds(args.step_s, args.startup_s)
@@ -466,8 +563,8 @@ def run_all(runs, plan, sizes, args, out, deadline=None, speeds=None, session=No
         record = {"status": "ok" if ok else (note or f"failed (exit {code})"), "returncode": code,
                   "elapsed_s": round(elapsed, 1), "elapsed_total_s": round(prev.get("elapsed_total_s", 0) + elapsed, 1),
                   "attempts": prev.get("attempts", 0) + 1, "gpu": gpu, "jobs": args.jobs, "gpus": args.gpus,
-                  "part": run.part + 1, "session": session, "window_s": [round(t0 - started, 1),
-                                                                         round(time.time() - started, 1)],
+                  "part": run.part + 1, "backbone": plan.backbone.name, "session": session,
+                  "window_s": [round(t0 - started, 1), round(time.time() - started, 1)],
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()) if ok else None,
                   "command": " ".join(proc.args)}
         if ok:
@@ -492,14 +589,15 @@ def run_all(runs, plan, sizes, args, out, deadline=None, speeds=None, session=No
         while todo or running:
             now = time.time()
             while todo and len(running) < args.jobs:
-                pick = None
-                for run in todo:
-                    if deadline is None or now + speeds.estimate(run, steps_left(run)) <= deadline:
-                        pick = run
-                        break
-                if pick is None and args.partial and deadline is not None and \
+                busy = [v[0].task for v in running.values()]
+                capped = [busy.count(r.task) >= args.task_jobs.get(r.task, args.jobs) for r in todo]
+                held = min((r.part for r, c in zip(todo, capped) if c), default=len(plan.parts))
+                free = [r for r, c in zip(todo, capped) if not c and r.part <= held]
+                pick = next((r for r in free if deadline is None
+                             or now + speeds.estimate(r, steps_left(r)) <= deadline), None)
+                if pick is None and free and args.partial and deadline is not None and \
                         now < deadline - min(60.0, args.time_limit / 4):
-                    pick = todo[0]
+                    pick = free[0]
                 if pick is None:
                     break
                 todo.remove(pick)
@@ -545,8 +643,10 @@ def run_all(runs, plan, sizes, args, out, deadline=None, speeds=None, session=No
                     step = log_step(last_attempt(text))
                     cells.append(f"{run.id} {step}/{run.steps(sizes[run.task], plan.batch)}")
                 left = (f", {fmt_time(deadline - time.time())} to the time limit" if deadline else "")
-                print(f"-- {fmt_time(time.time() - started)}: {len(running)} running ({'; '.join(cells)}), "
-                      f"{len(todo)} waiting{left}", flush=True)
+                memory = gpu_memory() if args.gpus else ""
+                memory = f"; GPU memory {memory}" if memory else ""
+                print(f"-- {fmt_time(time.time() - started)}: {len(running)} running "
+                      f"({'; '.join(cells)}), {len(todo)} waiting{left}{memory}", flush=True)
     except KeyboardInterrupt:
         for proc in running:
             proc.send_signal(signal.SIGINT)
@@ -576,24 +676,35 @@ def to_fp16(src, dst):
 def prepare(dest, model_dir, data_dir, tasks):
     """dest/model: the backbone with fp16 weights (+ config, vocab, tokenizer config); dest/glue: the tasks' TSVs."""
     dest, model_dir, data_dir = Path(dest), Path(model_dir), Path(data_dir)
+    try:
+        copy_glue(dest / "glue", data_dir, tasks)
+    except FileNotFoundError as e:
+        raise SystemExit(f"study.py: error: {e}") from None
     (dest / "model").mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
         if (model_dir / name).exists():
             shutil.copyfile(model_dir / name, dest / "model" / name)
     to_fp16(model_dir / "model.safetensors", dest / "model" / "model.safetensors")
     atomic_write(dest / "model" / "prepared_from.json", json.dumps({"source": str(model_dir.resolve())}) + "\n")
-    for task in tasks:
-        folder = glue.TASKS[task].dir
-        if not (data_dir / folder / f"{glue.TASKS[task].dev[0]}.tsv").exists():
-            raise SystemExit(f"study.py: error: no {data_dir / folder}/{glue.TASKS[task].dev[0]}.tsv to carry; "
-                             f"give --data_dir or GLUE_DIR (a folder with the GLUE files)")
-        (dest / "glue" / folder).mkdir(parents=True, exist_ok=True)
-        for tsv in (data_dir / folder).glob("*.tsv"):
-            if tsv.name in ("train.tsv",) + tuple(f"{s}.tsv" for s in glue.TASKS[task].dev):
-                shutil.copyfile(tsv, dest / "glue" / folder / tsv.name)
     size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
     print(f"wrote {dest} ({size / 2**20:.1f} MiB): fp16 backbone and GLUE "
           f"{', '.join(glue.TASKS[t].dir for t in tasks)}; the working tree and the carried paths travel within 64 MiB")
+
+
+def copy_glue(dest, data_dir, tasks):
+    """dest/<task folder>/: each task's train.tsv and dev TSVs from data_dir, checked first (a
+    missing dev file is a FileNotFoundError saying what to give)."""
+    for task in tasks:
+        folder, dev = glue.TASKS[task].dir, glue.TASKS[task].dev
+        if not (Path(data_dir) / folder / f"{dev[0]}.tsv").exists():
+            raise FileNotFoundError(f"no {Path(data_dir) / folder}/{dev[0]}.tsv to carry; give "
+                                    "--data_dir or GLUE_DIR (a folder with the GLUE files)")
+    for task in tasks:
+        folder, dev = glue.TASKS[task].dir, glue.TASKS[task].dev
+        (Path(dest) / folder).mkdir(parents=True, exist_ok=True)
+        for name in ("train.tsv",) + tuple(f"{split}.tsv" for split in dev):
+            if (Path(data_dir) / folder / name).exists():
+                shutil.copyfile(Path(data_dir) / folder / name, Path(dest) / folder / name)
 
 
 RESULT_FILES = ("metrics.json", "study_run.json", "log.txt")
@@ -740,29 +851,37 @@ CLAIMS = [  # (id, a, b, the paper's claim as tested here)
 ]
 
 
-def judge(plan, results, constants, a, b):
-    """(verdict, [per-task detail]) of 'a matches or beats b': *holds* when a loses (seed ranges apart) on no task
-    that both learned, *does not hold here* when it loses on one, *cannot tell* when no task has both with >= 2 seeds
-    and learned."""
-    cells, counted, losses = [], 0, 0
+def compare(plan, results, constants, a, b):
+    """Per task where both configurations have runs: (task, a's scores, b's scores, verdict, Δ of
+    the medians in points, why the task is not counted or None). Counted: >= 2 seeds each, both
+    learned."""
+    rows = []
     for task in plan.tasks:
         va = [m["main_metric"] for m in results.get((task, a), [])]
         vb = [m["main_metric"] for m in results.get((task, b), [])]
         if not va or not vb:
             continue
-        v = verdict(va, vb)
-        delta = 100 * (np.median(va) - np.median(vb))
         c = constants.get(task)
-        ok = len(va) >= 2 and len(vb) >= 2 and learned(va, c) and learned(vb, c)
-        note = "" if ok else (" — not counted: " + ("fewer than 2 seeds" if min(len(va), len(vb)) < 2
-                                                    else "not learned by both"))
-        cells.append(f"{task}: {span(va)} vs {span(vb)}, n={len(va)}/{len(vb)} → {v} (Δ {delta:+.1f}){note}")
-        if ok:
-            counted += 1
-            losses += v == "loss"
+        why = None
+        if min(len(va), len(vb)) < 2:
+            why = "fewer than 2 seeds"
+        elif not (learned(va, c) and learned(vb, c)):
+            why = "not learned by both"
+        rows.append((task, va, vb, verdict(va, vb), 100 * (np.median(va) - np.median(vb)), why))
+    return rows
+
+
+def judge(plan, results, constants, a, b):
+    """(verdict, [per-task detail]) of 'a matches or beats b': *holds* when a loses (seed ranges
+    apart) on no task that both learned, *does not hold here* when it loses on one, *cannot tell*
+    when no task has both with >= 2 seeds and learned."""
+    rows = compare(plan, results, constants, a, b)
+    cells = [f"{task}: {span(va)} vs {span(vb)}, n={len(va)}/{len(vb)} → {v} (Δ {delta:+.1f})"
+             + (f" — not counted: {why}" if why else "") for task, va, vb, v, delta, why in rows]
+    counted = [v for *_, v, _, why in rows if why is None]
     if not counted:
         return "cannot tell", cells
-    return ("does not hold here" if losses else "holds"), cells
+    return ("does not hold here" if "loss" in counted else "holds"), cells
 
 
 def collect(plan, out, runs):
@@ -841,7 +960,21 @@ def appendix(old_dir):
     return L + [""]
 
 
-def write_report(plan, out, results_md, png, data_dir=None, quick=False):
+@dataclass
+class Study:
+    """What the report reads of one study: plan, runs folder, study.json, the finished runs."""
+    plan: Plan
+    out: Path
+    state: dict
+    runs: list          # every Run of the plan, in order
+    results: dict       # (task, configuration name) -> [metrics.json dicts]
+    missing: dict       # run-id -> Run, the unfinished ones
+    constants: dict     # task -> the constant predictor's score
+    every: list         # [(Run, metrics.json dict)] of the finished runs, in plan order
+
+
+def gather(plan, out, data_dir=None):
+    """The Study of `plan` in `out`; constant predictors from the GLUE data, else study.json's."""
     state = read_json(out / "study.json") or {}
     runs = plan_runs(plan)
     results, missing = collect(plan, out, runs)
@@ -851,198 +984,379 @@ def write_report(plan, out, results_md, png, data_dir=None, quick=False):
     except (FileNotFoundError, ValueError):
         pass  # no data here: the study's own record of them (study.json), if any
     every = [(run, result_of(out, run)) for run in runs if result_of(out, run) is not None]
-    L = ["# Does LoRA² deliver? GLUE at the paper's schedules", "",
-         f"Generated by `experiments/study.py` from the runs' `metrics.json` under `{rel(out)}/<run-id>/` "
-         f"(`python experiments/study.py --report_only{' --quick' if quick else ''}` rewrites this file and "
-         f"`{png.name}`, keeping the hand-written block). A score is a run's `main_metric` × 100: its best dev "
-         f"evaluation at the final budget (evaluated every 1/{plan.evals} of the run; LoRA² and AdaLoRA from the "
-         "first step of the final phase T − t_f on, LoRA and full fine-tuning from any evaluation, their budget being "
-         "fixed). Median [min–max] over seeds.", ""]
+    return Study(plan, out, state, runs, results, missing, constants, every)
 
-    # progress per part
-    L += ["## Progress", "", "| part | finished | planned | steps per run | summed run time | when (session: first "
-          "start – last end) |", "|---|---|---|---|---|---|"]
-    for i, part in enumerate(plan.parts):
-        part_runs = [r for r in runs if r.part == i]
-        done = [m for r, m in every if r.part == i]
+
+def report(plan, out, results_md, png, data_dir=None, quick=False, base_out=None):
+    """RESULTS.md from the metrics.json files: the MiniLM study with the base-size section, `plan`'s
+    runs read from `out`, the other backbone's from its folder (--quick: the quick plan alone)."""
+    if quick:
+        return write_report(plan, out, results_md, png, data_dir, quick=True)
+    folders = {MINILM: HERE / "runs" / MINILM.folder,
+               MPNET: Path(base_out) if base_out else HERE / "runs" / MPNET.folder}
+    folders[plan.backbone] = out
+    plans = {b: plan if b == plan.backbone else plan_of(b, epochs=recorded_epochs(folders[b]))
+             for b in (MINILM, MPNET)}
+    write_report(plans[MINILM], folders[MINILM], results_md, png, data_dir,
+                 base=(plans[MPNET], folders[MPNET]))
+
+
+def write_report(plan, out, results_md, png, data_dir=None, quick=False, base=None):
+    """RESULTS.md (keeping its hand-written block) and `png` for the study of `plan` in `out`; with
+    base = (plan, runs folder) of the base-size study, its section, its figure (<png>-mpnet) and the
+    verdicts of both side by side."""
+    st = gather(plan, out, data_dir)
+    other = gather(*base, data_dir) if base else None
+    other_png = png.with_name(f"{png.stem}-{MPNET.name}{png.suffix}")
+    L = ["# Does LoRA² deliver? GLUE at the paper's schedules", "",
+         "Generated by `experiments/study.py` from the runs' `metrics.json` under "
+         f"`{rel(out)}/<run-id>/` (`python experiments/study.py "
+         f"--report_only{' --quick' if quick else ''}` rewrites this file and `{png.name}`, "
+         "keeping the hand-written block). A score is a run's `main_metric` × 100: its best dev "
+         f"evaluation at the final budget (evaluated every 1/{plan.evals} of the run; LoRA² and "
+         "AdaLoRA from the first step of the final phase T − t_f on, LoRA and full fine-tuning "
+         "from any evaluation, their budget being fixed). Median [min–max] over seeds.", ""]
+    if other:
+        b = other.plan.backbone
+        L += [f"Two backbones. Every figure from \"Progress\" to \"Every run\", and `{png.name}`, "
+              f"is from {plan.backbone.label} ({plan.backbone.about}; runs under `{rel(out)}/`); "
+              f"the section \"Base size: {b.label}\" and `{other_png.name}` are from {b.label} "
+              f"({b.about}; runs under `{rel(other.out)}/`). \"The claims on both backbones\" sets "
+              "their verdicts side by side.", ""]
+    L += progress_lines(st, "##") + claims_lines(st, "##", png)
+    hand = hand_written(results_md)
+    if hand:
+        L += [hand, ""]
+    if other:
+        L += both_lines(st, other)
+    L += task_lines(st, "##") + setup_lines(st, "##")
+    L += missing_lines(st, "##") + every_lines(st, "##")
+    L += ["## Reproduce", "",
+          "On a machine with the GLUE files (`GLUE_DIR`) and the packaged MiniLM; each GPU call "
+          "carries `.device/paper` and ends within 10 minutes; a rerun skips the finished "
+          "runs:", "",
+          "```",
+          "python experiments/study.py --plan                       # the runs, in order, with "
+          "estimates",
+          "python experiments/study.py --prepare .device/paper      # fp16 backbone + GLUE files "
+          "(50 MiB)",
+          "# on the GPU machine (nvidia-h200-x2), as many calls as it takes:",
+          "python3 experiments/study.py --device cuda --gpus 2 --jobs 16 --compile --time_limit "
+          "540 --no_report \\",
+          "    --model .device/paper/model --data_dir .device/paper/glue --pack $OUT/paper.tar.gz",
+          "# here, after each call:",
+          "python experiments/study.py --unpack paper.tar.gz        # the finished runs into "
+          "experiments/runs/paper/",
+          "python experiments/study.py --report_only                # this file and results.png",
+          "```", ""]
+    L += commands_lines(st)
+    if other:
+        L += base_lines(other, other_png)
+    L += appendix(OLD_STUDY) if not quick else []
+    atomic_write(results_md, "\n".join(L))
+    print(f"wrote {results_md}")
+    plot(plan, st.results, st.constants, png)
+    if other and other.results:
+        plot(other.plan, other.results, other.constants, other_png)
+
+
+def progress_lines(st, h):
+    """The progress table: per part the finished and planned runs, steps, run time, when."""
+    L = [f"{h} Progress", "",
+         "| part | finished | planned | steps per run | summed run time | when "
+         "(session: first start – last end) |", "|---|---|---|---|---|---|"]
+    for i, part in enumerate(st.plan.parts):
+        done = [m for r, m in st.every if r.part == i]
         steps = sorted({m["steps"] for m in done})
         windows = {}
-        for r, _ in every:
-            rec = read_json(out / r.id / "study_run.json") or {}
+        for r, _ in st.every:
+            rec = read_json(st.out / r.id / "study_run.json") or {}
             if r.part == i and rec.get("window_s"):
                 lo, hi = windows.get(rec.get("session"), (math.inf, 0))
                 windows[rec.get("session")] = (min(lo, rec["window_s"][0]), max(hi, rec["window_s"][1]))
         when = "; ".join(f"{k}: {fmt_time(lo)} – {fmt_time(hi)}" for k, (lo, hi) in sorted(windows.items()))
-        L.append(f"| {i + 1}. {part.name} | {len(done)} | {len(part_runs)} | "
-                 f"{', '.join(f'{s:,}' for s in steps) or '—'} | {fmt_time(sum(m['wall_s'] for m in done))} | "
-                 f"{when or '—'} |")
-    L += ["", "Summed run time: the runs' training time (`wall_s`, evaluation excluded; several runs share a GPU). When: "
-          "seconds since the start of the session (`study.json`) in which the part's finished runs ran (their last "
-          "attempt).", ""]
+        L.append(f"| {i + 1}. {part.name} | {len(done)} | {sum(1 for r in st.runs if r.part == i)} "
+                 f"| {', '.join(f'{s:,}' for s in steps) or '—'} | "
+                 f"{fmt_time(sum(m['wall_s'] for m in done))} | {when or '—'} |")
+    return L + ["", "Summed run time: the runs' training time (`wall_s`, evaluation excluded; "
+                "several runs share a GPU). When: seconds since the start of the session "
+                "(`study.json`) in which the part's finished runs ran (their last attempt).", ""]
 
-    # verdicts
-    L += ["## The paper's claims", "",
-          "Per task: *win* / *loss* when the seed ranges of the two do not overlap, *tie* when they do; Δ is the "
-          "difference of the medians in points. A claim *holds* when it loses on no task that both sides learned "
-          f"(median ≥ the constant predictor + {100 * LEARNED_MARGIN:.0f} points and every seed above it) with at "
-          "least 2 seeds each, *does not hold here* when it loses on one, and *cannot tell* without such a task. "
-          "With 3 seeds a *tie* is a weak test of *matches*: read the Δ and ranges beside it.", "",
-          "| | claim | verdict | numbers (median [min–max], first vs second) |", "|---|---|---|---|"]
-    names = {c.name for c in plan.configs}
+
+def claims_lines(st, h, png):
+    """The claims (CLAIMS) whose configurations the plan has: verdicts, numbers; the figure."""
+    L = [f"{h} The paper's claims", "",
+         "Per task: *win* / *loss* when the seed ranges of the two do not overlap, *tie* when they "
+         "do; Δ is the difference of the medians in points. A claim *holds* when it loses on no "
+         "task that both sides learned (median ≥ the constant predictor + "
+         f"{100 * LEARNED_MARGIN:.0f} points and every seed above it) with at least 2 seeds each, "
+         "*does not hold here* when it loses on one, and *cannot tell* without such a task. With 3 "
+         "seeds a *tie* is a weak test of *matches*: read the Δ and ranges beside it.", "",
+         "| | claim | verdict | numbers (median [min–max], first vs second) |", "|---|---|---|---|"]
+    names = {c.name for c in st.plan.configs}
     for cid, a, b, claim in CLAIMS:
-        if a not in names or b not in names:
-            continue
-        v, cells = judge(plan, results, constants, a, b)
-        L.append(f"| {cid} | {claim} | **{v}** | {'; '.join(cells) or 'not run yet'} |")
+        if a in names and b in names:
+            v, cells = judge(st.plan, st.results, st.constants, a, b)
+            L.append(f"| {cid} | {claim} | **{v}** | {'; '.join(cells) or 'not run yet'} |")
     L.append("")
-    if results:
+    if st.results:
         L += [f"![Score against trainable adapter parameters, per task]({png.name})", "",
-              f"`{png.name}`: median and min–max over seeds against the adapter's trainable parameters (log scale); "
-              "ablations grey and nudged right, LoRA r=8 nudged left of LoRA² k=8 (almost the same budget); dashed: "
-              "the constant predictor.", ""]
-    hand = hand_written(results_md)
-    if hand:
-        L += [hand, ""]
+              f"`{png.name}`: median and min–max over seeds against the adapter's trainable "
+              "parameters (log scale); ablations grey and nudged right, LoRA r=8 nudged left of "
+              "LoRA² k=8 (almost the same budget); dashed: the constant predictor.", ""]
+    return L
 
-    # per task
-    L += ["## Results per task", ""]
-    for task in plan.tasks:
-        rows = [(c, results.get((task, c.name))) for c in plan.configs]
+
+def both_lines(st, other):
+    """The claims side by side: per backbone the verdict and, per task, Δ and its verdict."""
+    def cell(s, a, b):
+        if not {a, b} <= {c.name for c in s.plan.configs}:
+            return "not in its plan"
+        rows = compare(s.plan, s.results, s.constants, a, b)
+        if not rows:
+            return "not run yet"
+        return f"**{judge(s.plan, s.results, s.constants, a, b)[0]}**: " + ", ".join(
+            f"{task} {delta:+.1f} {v}{'*' if why else ''}" for task, _, _, v, delta, why in rows)
+    first, second = st.plan.backbone, other.plan.backbone
+    L = ["## The claims on both backbones", "",
+         "The verdict on each claim on each backbone (the rule of \"The paper's claims\"), and per "
+         "task the difference of the medians in points with its verdict (* the task is not "
+         f"counted: fewer than 2 seeds each, or not learned by both). {first.label} from "
+         f"`{rel(st.out)}/`, {second.label} from `{rel(other.out)}/`; the base-size plan has no "
+         "ablations.", "",
+         f"| | claim | {first.label} ({first.about}) | {second.label} ({second.about}) |",
+         "|---|---|---|---|"]
+    for cid, a, b, claim in CLAIMS:
+        L.append(f"| {cid} | {claim} | {cell(st, a, b)} | {cell(other, a, b)} |")
+    return L + [""]
+
+
+def task_lines(st, h):
+    """Per task: the schedule, a row per configuration (parameters, steps, seeds, scores, time)."""
+    L = [f"{h} Results per task", ""]
+    for task in st.plan.tasks:
+        rows = [(c, st.results.get((task, c.name))) for c in st.plan.configs]
         rows = [(c, ms) for c, ms in rows if ms]
-        metric = glue.TASKS[task].metrics[0]
-        c = constants.get(task)
-        head = f"### {task} ({metric}"
+        c = st.constants.get(task)
+        head = f"{h}# {task} ({glue.TASKS[task].metrics[0]}"
         if c is not None:
             head += f"; constant predictor {pct(c)}"
         L += [head + ")", ""]
         if not rows:
             L += ["Not run yet.", ""]
             continue
-        L += [f"Schedule: {schedule_note(plan, task, rows[0][1][0])}.", "",
-              "| configuration | adapter params | head params | steps | seeds | median | min–max | learned | "
-              "wall per run (median) | runs |", "|---|---|---|---|---|---|---|---|---|---|"]
+        L += [f"Schedule: {schedule_note(st.plan, task, rows[0][1][0])}.", "",
+              "| configuration | adapter params | head params | steps | seeds | median | min–max | "
+              "learned | wall per run (median) | runs |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
         for conf, ms in rows:
             v = [m["main_metric"] for m in ms]
-            glob = f"{rel(out)}/{run_prefix(plan, task, conf)}-s*/"
-            L.append(f"| {conf.label} | {ms[0]['adapter_params']:,} | {ms[0]['head_params']:,} | {ms[0]['steps']:,} | "
-                     f"{len(v)} | {pct(np.median(v))} | {pct(min(v))}–{pct(max(v))} | "
-                     f"{'yes' if learned(v, c) and c is not None else ('?' if c is None else 'no')} | "
+            ok = "yes" if learned(v, c) and c is not None else ("?" if c is None else "no")
+            glob = f"{rel(st.out)}/{run_prefix(st.plan, task, conf)}-s*/"
+            L.append(f"| {conf.label} | {ms[0]['adapter_params']:,} | {ms[0]['head_params']:,} | "
+                     f"{ms[0]['steps']:,} | {len(v)} | {pct(np.median(v))} | "
+                     f"{pct(min(v))}–{pct(max(v))} | {ok} | "
                      f"{fmt_time(np.median([m['wall_s'] for m in ms]))} | `{glob}` |")
         L.append("")
+    return L
 
-    # setup
-    sessions = state.get("sessions", [])
-    L += ["## Setup", ""]
-    info = state.get("model", {})
-    example = every[0][1] if every else None
-    if example:
-        backbone = example["total_params"] - (0 if example.get("method") == "full" else example["adapter_params"])
-        L.append(f"- Backbone: `{info.get('path') or example['args'].get('model') or 'the packaged all-MiniLM-L6-v2'}`"
-                 f", {backbone:,} parameters with a 2-way head (BERT through `bert.py`), instead of the "
-                 "paper's DeBERTaV3-base (184M)."
-                 + (" Its weights travelled as float16 (`study.py --prepare`) and load into float32; training used "
-                    "bf16 autocast on CUDA." if is_fp16(info) else ""))
-    L += ["- Every run: `train_glue.py --preset paper` (SPEC §5: batch 32, importance EMAs β₁ = β₂ = 0.85; AdamW with "
-          "torch's defaults otherwise, linear warm-up then decay to 0, clipping 1.0), then the configuration's flags; adapters on query, key, value, "
-          "attention.output, intermediate and output of every layer; the head (pooler + classifier) trained by every "
-          "method and counted apart.",
-          f"- Seeds {', '.join(map(str, plan.seeds))} (initialisation, dropout, data order); the paper reports one "
-          "seed per task (6, RTE 4), the AdaLoRA table the mean of 5.",
-          "- LoRA r=8: PEFT LoRA, α of the preset (so s = α/8), the preset's lr (8e-4 to 1.2e-3, the range where "
-          "LoRA trained best in the 200-step sweep: 1e-3 won, 5e-3 diverged), no dropout.",
-          "- AdaLoRA: PEFT AdaLoRA at LoRA²'s budget and schedule: init_r = the preset's r, target_r = its target "
-          "rank, t_i, t_f, mask interval, γ (orth_reg_weight) and lr of the preset; it trains r(d_in + d_out) + r "
-          "parameters per matrix, fewer than LoRA r=8 where r = 4 (CoLA, RTE).",
-          f"- Full fine-tuning: lr {FULL_LR:g} (the upper end of the usual 2e-5..5e-5 for BERT-size encoders; "
-          "the small MiniLM preferred larger lrs in the 200-step sweep, and the long schedules argue against going "
-          "beyond), the rest of the preset.",
-          "- Ablations: flags on top of LoRA² k=8: `--gamma 0`; `--target_rank r` (the preset's r: nothing pruned); "
-          "`--scored all`; `--init paper`.", ""]
+
+def method_lines(plan):
+    """The Setup's lines on what every run and each method trains."""
+    preset = "--preset paper" + "".join(f" --{k} {v}" for k, v in plan.backbone.flags)
+    common = (f"- Every run: `train_glue.py {preset}` (SPEC §5: batch 32, importance EMAs β₁ = "
+              "β₂ = 0.85; AdamW with torch's defaults otherwise, linear warm-up then decay to 0, "
+              "clipping 1.0), then the configuration's flags; ")
+    seeds = (f"- Seeds {', '.join(map(str, plan.seeds))} (initialisation, dropout, data order); "
+             "the paper reports one seed per task (6, RTE 4), the AdaLoRA table the mean of 5.")
+    adalora = ("- AdaLoRA: PEFT AdaLoRA at LoRA²'s budget and schedule: init_r = the preset's r, "
+               "target_r = its target rank, t_i, t_f, mask interval, γ (orth_reg_weight) and lr of "
+               "the preset; it trains r(d_in + d_out) + r parameters per matrix, fewer than LoRA "
+               "r=8 where r = 4 (CoLA, RTE).")
+    if plan.backbone.hf:
+        targets = ("adapters on attention.attn.q, k, v and o (query, key, value, attention "
+                   "output), intermediate.dense and output.dense of every layer; the head (a "
+                   "classifier on the mean of the last hidden states over the real tokens) trained "
+                   "by every method and counted apart.")
+        lora = ("- LoRA r=8: PEFT LoRA on the same six matrices, α of the preset (so s = α/8), the "
+                "preset's lr, no dropout (the MiniLM study's choices).")
+        full = (f"- Full fine-tuning: lr {FULL_LR:g} (the MiniLM study's: the upper end of the "
+                "usual 2e-5..5e-5 for BERT-base-size encoders), the rest of the preset.")
+        return [common + targets, seeds, lora, adalora, full, ""]
+    targets = ("adapters on query, key, value, attention.output, intermediate and output of every "
+               "layer; the head (pooler + classifier) trained by every method and counted apart.")
+    lora = ("- LoRA r=8: PEFT LoRA, α of the preset (so s = α/8), the preset's lr (8e-4 to 1.2e-3, "
+            "the range where LoRA trained best in the 200-step sweep: 1e-3 won, 5e-3 diverged), no "
+            "dropout.")
+    full = (f"- Full fine-tuning: lr {FULL_LR:g} (the upper end of the usual 2e-5..5e-5 for "
+            "BERT-size encoders; the small MiniLM preferred larger lrs in the 200-step sweep, and "
+            "the long schedules argue against going beyond), the rest of the preset.")
+    ablations = ("- Ablations: flags on top of LoRA² k=8: `--gamma 0`; `--target_rank r` (the "
+                 "preset's r: nothing pruned); `--scored all`; `--init paper`.")
+    return [common + targets, seeds, lora, adalora, full, ablations, ""]
+
+
+def backbone_line(st):
+    """The Setup's first line: the backbone's folder and size (from a finished run), its dtype."""
+    info, m = st.state.get("model", {}), st.every[0][1]
+    size = m["total_params"] - (0 if m.get("method") == "full" else m["adapter_params"])
+    if st.plan.backbone.hf:
+        path, what, how = (info.get("path") or m["args"].get("hf"), "transformers' MPNet through "
+                           "`--hf`, without its [CLS] pooler", "`experiments/mpnet.py prepare`")
+    else:
+        path, what, how = (info.get("path") or m["args"].get("model") or "the packaged "
+                           "all-MiniLM-L6-v2", "BERT through `bert.py`", "`study.py --prepare`")
+    line = (f"- Backbone: `{path}`, {size:,} parameters with a 2-way head ({what}), instead of the "
+            "paper's DeBERTaV3-base (184M).")
+    if is_fp16(info):
+        line += (f" Its weights travelled as float16 ({how}) and load into float32; training used "
+                 "bf16 autocast on CUDA.")
+    return line
+
+
+def setup_lines(st, h):
+    """The backbone, what the runs and methods train, the hyperparameters, configurations,
+    deviations, the sessions and the code they ran."""
+    plan, sessions = st.plan, st.state.get("sessions", [])
+    L = [f"{h} Setup", ""] + ([backbone_line(st)] if st.every else []) + method_lines(plan)
     hp = {}
-    for run, m in every:
+    for run, m in st.every:
         hp.setdefault(run.task, m)
     if hp:
-        L += ["Hyperparameters per task, as the runs recorded them (`args` of metrics.json; t_i, t_f and warm-up in "
-              "steps of this schedule):", "",
-              "| task | train examples | epochs | steps | lr | max len | r | target rank | α | t_i | t_f | mask every | "
-              "γ | warm-up | cls dropout | wd | eval every |", "|---" * 17 + "|"]
+        L += ["Hyperparameters per task, as the runs recorded them (`args` of metrics.json; t_i, "
+              "t_f and warm-up in steps of this schedule):", "",
+              "| task | train examples | epochs | steps | lr | max len | r | target rank | α | t_i "
+              "| t_f | mask every | γ | warm-up | cls dropout | wd | eval every |",
+              "|---" * 17 + "|"]
         for task, m in hp.items():
             a, T = m["args"], m["steps"]
-            lrs = sorted({mm["args"]["lr"] for mm in sum((results.get((task, c.name), []) for c in plan.configs), [])
-                          if mm["method"] != "full"})
-            L.append(f"| {task} | {m['train_size']:,} | {T / max(1, m['train_size'] // a['batch_size']):g} | {T:,} | "
-                     f"{', '.join(f'{x:g}' for x in lrs)} | {a['max_len']} | {a['r']} | {a['target_rank']} | "
-                     f"{a['alpha']} | {round(a['init_warmup'] * T)} | {round(a['final_warmup'] * T)} | "
-                     f"{a['mask_interval']} | {a['gamma']} | {round(a['warmup'] * T)} | {a['classifier_dropout']} | "
-                     f"{a['weight_decay']} | {a['eval_every']} |")
+            lrs = sorted({mm["args"]["lr"] for c in plan.configs
+                          for mm in st.results.get((task, c.name), []) if mm["method"] != "full"})
+            L.append(f"| {task} | {m['train_size']:,} | "
+                     f"{T / max(1, m['train_size'] // a['batch_size']):g} | {T:,} | "
+                     f"{', '.join(f'{x:g}' for x in lrs)} | {a['max_len']} | {a['r']} | "
+                     f"{a['target_rank']} | {a['alpha']} | {round(a['init_warmup'] * T)} | "
+                     f"{round(a['final_warmup'] * T)} | {a['mask_interval']} | {a['gamma']} | "
+                     f"{round(a['warmup'] * T)} | {a['classifier_dropout']} | {a['weight_decay']} "
+                     f"| {a['eval_every']} |")
         L.append("")
-    L += ["Configurations (flags on top of `--preset paper`):", "", "| configuration | flags |", "|---|---|"]
+    preset = "--preset paper" + "".join(f" --{k} {v}" for k, v in plan.backbone.flags)
+    L += [f"Configurations (flags on top of `{preset}`):", "", "| configuration | flags |",
+          "|---|---|"]
     for conf in plan.configs:
         L.append(f"| {conf.label} | `{' '.join(f'--{k} {v}' for k, v in conf.flags)}` |")
-    L += ["", "Deviations from the paper:", ""]
-    L += [f"- {line}" for line in deviations(plan)] + [""]
-    if sessions:
-        L += ["Sessions (`study.json`; device time is what the sessions took, start-up of the machine excluded):", "",
-              "| # | started | hardware | jobs | wall | runs finished | command |", "|---|---|---|---|---|---|---|"]
-        for i, s in enumerate(sessions):
-            hw = s.get("hardware", {})
-            gpus = hw.get("gpus") or []
-            what = (f"{len(gpus)}× {gpus[0].split(',')[0]}" if gpus else "CPU") + f", {hw.get('cpus', '?')} cores"
-            n_fin = sum(1 for r, m in every if (read_json(out / r.id / "study_run.json") or {}).get("session") == i)
-            L.append(f"| {i} | {s.get('started', '?')} | {what} | {s.get('jobs', '?')} | "
-                     f"{fmt_time(s.get('wall_s', 0))} | {n_fin} | `{s.get('command', '')}` |")
-        L.append("")
-        commit = code_commit(sessions[0].get("code", {}), sessions[0].get("started"))
-        if commit and all(s.get("code") == sessions[0].get("code") for s in sessions):
-            L += [f"Code: every session ran the files of commit `{commit}` (the sha256 of study.py, baselines.py, "
-                  f"train_glue.py, lora2.py, bert.py, glue.py and rundir.py recorded in `study.json` match it). The "
-                  f"code has changed since; these figures describe that commit.", ""]
-
-    # missing
-    L += ["## Not run or failed", ""]
-    if missing:
-        for i, part in enumerate(plan.parts):
-            gone = [(run_id, run) for run_id, run in missing.items() if run.part == i]
-            tried = [(run_id, run) for run_id, run in gone if (out / run_id / "study_run.json").exists()]
-            if gone and not tried:
-                L.append(f"- part {i + 1} ({part.name}): {len(gone)} of its runs not run yet")
-                continue
-            for run_id, run in gone:
-                rec = read_json(out / run_id / "study_run.json")
-                why = (f"{rec['status']} (attempts {rec.get('attempts')}, last at step {rec.get('last_step', '?')}), "
-                       f"see `{rel(out / run_id / 'log.txt')}`") if rec else "not run yet"
-                L.append(f"- `{run_id}` (part {run.part + 1}): {why}")
-    else:
-        L.append("- nothing: every planned run finished.")
-    L.append("")
-
-    # every run
-    L += ["## Every run", "", "| run-id | score | best step | steps | kept singular values | wall | session |",
+    L += ["", "Deviations from the paper:", ""] + [f"- {line}" for line in deviations(plan)] + [""]
+    if not sessions:
+        return L
+    L += ["Sessions (`study.json`; device time is what the sessions took, start-up of the machine "
+          "excluded):", "", "| # | started | hardware | jobs | wall | runs finished | command |",
           "|---|---|---|---|---|---|---|"]
-    for run, m in every:
-        rec = read_json(out / run.id / "study_run.json") or {}
+    for i, s in enumerate(sessions):
+        hw = s.get("hardware", {})
+        gpus = hw.get("gpus") or []
+        what = f"{len(gpus)}× {gpus[0].split(',')[0]}" if gpus else "CPU"
+        what += f", {hw.get('cpus', '?')} cores"
+        n_fin = sum(1 for r, _ in st.every
+                    if (read_json(st.out / r.id / "study_run.json") or {}).get("session") == i)
+        L.append(f"| {i} | {s.get('started', '?')} | {what} | {s.get('jobs', '?')} | "
+                 f"{fmt_time(s.get('wall_s', 0))} | {n_fin} | `{s.get('command', '')}` |")
+    L.append("")
+    code = sessions[0].get("code", {})
+    commit = code_commit(code, sessions[0].get("started"))
+    if commit and all(s.get("code") == code for s in sessions):
+        names = list(code)
+        files = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+        L += [f"Code: every session ran the files of commit `{commit}` (the sha256 of {files} "
+              "recorded in `study.json` match it). The code has changed since; these figures "
+              "describe that commit.", ""]
+    return L
+
+
+def missing_lines(st, h):
+    """The planned runs without a metrics.json: not run yet (per part), or why they stopped."""
+    L = [f"{h} Not run or failed", ""]
+    if not st.missing:
+        return L + ["- nothing: every planned run finished.", ""]
+    for i, part in enumerate(st.plan.parts):
+        gone = [(run_id, run) for run_id, run in st.missing.items() if run.part == i]
+        if gone and not any((st.out / run_id / "study_run.json").exists() for run_id, _ in gone):
+            L.append(f"- part {i + 1} ({part.name}): {len(gone)} of its runs not run yet")
+            continue
+        for run_id, run in gone:
+            rec = read_json(st.out / run_id / "study_run.json")
+            why = (f"{rec['status']} (attempts {rec.get('attempts')}, last at step "
+                   f"{rec.get('last_step', '?')}), see "
+                   f"`{rel(st.out / run_id / 'log.txt')}`") if rec \
+                else "not run yet"
+            L.append(f"- `{run_id}` (part {run.part + 1}): {why}")
+    return L + [""]
+
+
+def every_lines(st, h):
+    """A row per finished run: score, best step, steps, kept singular values, wall time, session."""
+    L = [f"{h} Every run", "",
+         "| run-id | score | best step | steps | kept singular values | wall | "
+         "session |", "|---|---|---|---|---|---|---|"]
+    for run, m in st.every:
+        rec = read_json(st.out / run.id / "study_run.json") or {}
         kept = "—" if run.config.arg("method") in ("full", "lora") else m.get("kept_singular_values", "")
         L.append(f"| `{run.id}` | {pct(m['main_metric'])} | {m['best_step']:,} | {m['steps']:,} | {kept} | "
                  f"{fmt_time(m['wall_s'])} | {rec.get('session', '?')} |")
-    L += ["", "## Reproduce", "",
-          "On a machine with the GLUE files (`GLUE_DIR`) and the packaged MiniLM; each GPU call carries "
-          "`.device/paper` and ends within 10 minutes; a rerun skips the finished runs:", "",
-          "```",
-          "python experiments/study.py --plan                       # the runs, in order, with estimates",
-          "python experiments/study.py --prepare .device/paper      # fp16 backbone + GLUE files (50 MiB)",
-          "# on the GPU machine (nvidia-h200-x2), as many calls as it takes:",
-          "python3 experiments/study.py --device cuda --gpus 2 --jobs 16 --compile --time_limit 540 --no_report \\",
-          "    --model .device/paper/model --data_dir .device/paper/glue --pack $OUT/paper.tar.gz",
-          "# here, after each call:",
-          "python experiments/study.py --unpack paper.tar.gz        # the finished runs into experiments/runs/paper/",
-          "python experiments/study.py --report_only                # this file and results.png",
-          "```", ""]
-    if sessions:
-        L += ["The sessions behind these numbers ran:", ""] + [f"- `{s['command']}`" for s in sessions] + [""]
-    L += appendix(OLD_STUDY) if not quick else []
-    atomic_write(results_md, "\n".join(L))
-    print(f"wrote {results_md}")
-    plot(plan, results, constants, png)
+    return L + [""]
+
+
+def commands_lines(st):
+    """The command of every session (study.json)."""
+    sessions = st.state.get("sessions", [])
+    if not sessions:
+        return []
+    commands = [f"- `{s['command']}`" for s in sessions]
+    return ["The sessions behind these numbers ran:", ""] + commands + [""]
+
+
+MPNET_REPRODUCE = [
+    "```",
+    "python experiments/mpnet.py prepare --data_dir $GLUE_DIR   # .device/mpnet: 4 pieces",
+    "python experiments/mpnet.py calls                          # the 4 carry calls",
+    "# then on one GPU (nvidia-h100-x1; nvidia-h200: --task_jobs rte=4), each call within the warm",
+    "# window of the last; the study runs detached between the calls:",
+    "python3 experiments/study.py --backbone mpnet --device cuda --gpus 1 --jobs 6 \\",
+    "    --task_jobs rte=2 --compile --model /root/mpnet/model --data_dir /root/mpnet/glue \\",
+    "    --out /root/mpnet/runs --no_report --detach --wait 540 --pack $OUT/mpnet.tar.gz",
+    "python3 experiments/study.py --backbone mpnet --out /root/mpnet/runs --no_run --wait 540 \\",
+    "    --pack $OUT/mpnet.tar.gz                                 # as often as it takes",
+    "# a fresh machine (the last one went back): the 4 carry calls, then first",
+    "mkdir -p /root/mpnet/runs && cp -rn experiments/runs/mpnet/. /root/mpnet/runs/",
+    "# here, after each call (its pack holds every run finished so far):",
+    "python experiments/study.py --backbone mpnet --unpack mpnet.tar.gz  # experiments/runs/mpnet",
+    "python experiments/study.py --report_only                            # this file",
+    "```", ""]
+
+
+def base_lines(st, png):
+    """The base-size study's section: what it is, then as the main study one heading level down
+    (progress, claims, per task, setup, missing, every run), or that it has not run."""
+    b, plan = st.plan.backbone, st.plan
+    L = [f"## Base size: {b.label}", "",
+         f"The same study on a base-size encoder: {b.label} ({b.about}, 12 heads, MLP 3072; "
+         "transformers' MPNet through `--hf`), its classifier on the mean of the last hidden "
+         "states over the real tokens, as the checkpoint was trained (sentence-transformers' mean "
+         "pooling). Like MiniLM it is a sentence-embedding checkpoint, trained on sentence pairs "
+         "with NLI and QQP data among them, so its numbers compare methods on one backbone: they "
+         "are not DeBERTaV3-base numbers. The plan: the five methods of the MiniLM study on its "
+         f"tasks at the paper's schedules (SST-2 capped as there), {len(plan.seeds)} seeds, no "
+         "ablations. Every figure of this section is from the runs' `metrics.json` under "
+         f"`{rel(st.out)}/<run-id>/`.", ""]
+    if not st.every:
+        L += ["**The base-size study has not run**: no run of its plan has finished (no "
+              f"`metrics.json` under `{rel(st.out)}/`), so this file holds no {b.label} figure. "
+              f"Its {len(st.runs)} runs, in order:", ""]
+        L += [f"{i + 1}. {part.name}: {sum(1 for r in st.runs if r.part == i)} runs"
+              for i, part in enumerate(plan.parts)]
+        return L + ["", "### Reproduce", ""] + MPNET_REPRODUCE
+    L += progress_lines(st, "###") + claims_lines(st, "###", png) + task_lines(st, "###")
+    L += setup_lines(st, "###") + missing_lines(st, "###") + every_lines(st, "###")
+    return L + ["### Reproduce", ""] + MPNET_REPRODUCE + commands_lines(st)
 
 
 def code_commit(code, before=None):
@@ -1206,6 +1520,10 @@ def build_parser():
     a.add_argument("--wait", type=float, default=0, metavar="S", help="wait up to S seconds for a detached study of "
                    "--out to end (printing its progress), then --pack")
     w = p.add_argument_group("the plan")
+    w.add_argument("--backbone", default="minilm", choices=tuple(BACKBONES),
+                   help="minilm: the packaged MiniLM-L6 (bert.py); mpnet: the study at base size, "
+                        "MPNet-base through --hf with mean pooling (--model: the folder "
+                        "experiments/mpnet.py prepare writes)")
     w.add_argument("--quick", action="store_true", help="a tiny plan for CI (CPU, seconds)")
     w.add_argument("--tasks", help="comma-separated subset of the plan's tasks")
     w.add_argument("--parts", help="comma-separated part numbers to run (1-5; default all, in order)")
@@ -1220,6 +1538,8 @@ def build_parser():
     r.add_argument("--gpus", default="auto", help="spread the runs over this many GPUs (CUDA_VISIBLE_DEVICES per "
                    "run, the least busy first); auto: every GPU torch sees")
     r.add_argument("--jobs", default="auto", help="runs side by side in all (auto: 8 per GPU, else 1)")
+    r.add_argument("--task_jobs", help="TASK=N[,...]: at most N runs of TASK side by side "
+                   "(GPU memory)")
     r.add_argument("--time_limit", type=float, default=0, help="seconds; stop the runs still going at time_limit "
                    "minus --reserve (they resume next time), start none estimated to end later (0: no limit)")
     r.add_argument("--reserve", type=float, default=20, help="seconds kept free before --time_limit for stopping, "
@@ -1233,7 +1553,10 @@ def build_parser():
     r.add_argument("--train_args", help="more train_glue.py flags for every run, e.g. '--pooling cls' (recorded)")
     r.add_argument("--progress", type=float, default=60, help="seconds between progress lines")
     o = p.add_argument_group("output")
-    o.add_argument("--out", help="runs folder (default experiments/runs/paper; --quick: experiments/runs/paper-quick)")
+    o.add_argument("--out", help="runs folder (default experiments/runs/paper, --backbone mpnet: "
+                   "experiments/runs/mpnet; --quick: experiments/runs/paper-quick)")
+    o.add_argument("--base_out", help="the base-size study's runs folder that the report reads "
+                   "(default experiments/runs/mpnet)")
     o.add_argument("--results", help="report path (default experiments/RESULTS.md; --quick: <out>/RESULTS.md)")
     o.add_argument("--png", help="figure path (default results.png next to the report)")
     o.add_argument("--no_report", action="store_true", help="do not write the report after running")
@@ -1243,11 +1566,16 @@ def build_parser():
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    out = Path(args.out) if args.out else HERE / "runs" / ("paper-quick" if args.quick else "paper")
+    backbone = BACKBONES[args.backbone]
+    if args.quick and backbone != MINILM:
+        raise SystemExit("study.py: error: --quick is the MiniLM plan's CI version; drop "
+                         "--backbone mpnet")
+    folder = "paper-quick" if args.quick else backbone.folder
+    out = Path(args.out) if args.out else HERE / "runs" / folder
     # the caps are part of the plan: without --epochs, the ones the study in --out recorded
-    epochs = parse_epochs(args.epochs) if args.epochs else (read_json(out / "study.json") or {}).get("epochs")
-    plan = quick_plan(epochs) if args.quick else full_plan(epochs)
-    whole = quick_plan(epochs) if args.quick else full_plan(epochs)  # the report covers the whole plan
+    epochs = parse_epochs(args.epochs) if args.epochs else recorded_epochs(out)
+    plan = plan_of(backbone, args.quick, epochs)
+    whole = plan_of(backbone, args.quick, epochs)  # the report covers the whole plan
     if args.tasks:
         unknown = set(args.tasks.split(",")) - set(plan.tasks)
         if unknown:
@@ -1265,15 +1593,19 @@ def main(argv=None):
     results_md = Path(args.results) if args.results else (out / "RESULTS.md" if args.quick else HERE / "RESULTS.md")
     png = Path(args.png) if args.png else results_md.with_name("results.png")
     data_dir = args.data_dir or os.environ.get("GLUE_DIR") or "glue_data"
+    args.task_jobs = parse_task_jobs(args.task_jobs)
 
     if args.prepare:
+        if backbone.hf:
+            raise SystemExit("study.py: error: --prepare copies bert.py checkpoints; for "
+                             "--backbone mpnet run python experiments/mpnet.py prepare")
         prepare(args.prepare, args.model or _packaged_model(), data_dir, plan.tasks)
         return 0
     if args.unpack:
         unpack(out, [Path(p) for p in args.unpack])
         return 0
     if args.report_only:
-        write_report(whole, out, results_md, png, data_dir, args.quick)
+        report(whole, out, results_md, png, data_dir, args.quick, args.base_out)
         return 0
 
     gpus = (gpu_count() if args.device != "cpu" else 0) if args.gpus == "auto" else int(args.gpus)
@@ -1287,6 +1619,8 @@ def main(argv=None):
         return print_plan(plan, runs, data_dir, out, args)
     if args.compile and "compile" not in {f.name for f in dataclasses.fields(train_glue.Config)}:
         raise SystemExit("study.py: error: --compile: this train_glue.py has no --compile flag yet")
+    if not args.no_run:
+        check_model(backbone, args.model)
 
     out.mkdir(parents=True, exist_ok=True)
     if args.detach and not args.no_run:
@@ -1315,6 +1649,34 @@ def main(argv=None):
     if args.pack:
         pack(out, args.pack, runs, args.pack_states)
     return code
+
+
+def recorded_epochs(out):
+    """The caps the study in `out` recorded (study.json), or None."""
+    return (read_json(Path(out) / "study.json") or {}).get("epochs")
+
+
+def parse_task_jobs(text):
+    """'rte=3,qnli=4' -> {'rte': 3, 'qnli': 4}."""
+    caps = {}
+    for item in filter(None, (text or "").split(",")):
+        task, _, value = item.partition("=")
+        if task.strip() not in PAPER or not value.strip().isdigit() or int(value) < 1:
+            raise SystemExit("study.py: error: --task_jobs wants TASK=N[,...] with N >= 1, got "
+                             f"{item!r}")
+        caps[task.strip()] = int(value)
+    return caps
+
+
+def check_model(backbone, model):
+    """A one-line error before any run when --model cannot be the backbone's folder."""
+    if backbone.hf and not model:
+        raise SystemExit("study.py: error: --backbone mpnet needs --model DIR, the MPNet folder "
+                         "that python experiments/mpnet.py prepare writes (.device/mpnet/model "
+                         "here; /root/mpnet/model on the GPU machine)")
+    if model and not (Path(model) / "config.json").is_file():
+        raise SystemExit(f"study.py: error: --model {model}: no config.json there; give the "
+                         "backbone's checkpoint folder")
 
 
 def strip_option(argv, name):
@@ -1384,6 +1746,9 @@ def print_plan(plan, runs, data_dir, out, args):
     return 0
 
 
+CODE = ("train_glue", "lora2", "bert", "glue", "rundir", "compiled", "formats")  # the runs' code
+
+
 def run_study(plan, runs, args, argv, out, data_dir, results_md, png, whole):
     started = time.time()
     deadline = started + args.time_limit - args.reserve if args.time_limit else None
@@ -1398,9 +1763,10 @@ def run_study(plan, runs, args, argv, out, data_dir, results_md, png, whole):
                "jobs": args.jobs, "gpus": args.gpus}
     session["code"] = {path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:12]
                        for path in (HERE / "study.py", HERE / "baselines.py", *(ROOT / f"{name}.py" for name in
-                                    ("train_glue", "lora2", "bert", "glue", "rundir"))) if path.exists()}
+                                    CODE)) if path.exists()}
     state.setdefault("sessions", []).append(session)
     index = len(state["sessions"]) - 1
+    state["backbone"] = plan.backbone.name
     state["model"] = model_info(args.model)
     state["train_sizes"] = sizes
     if state.get("epochs", plan.epochs) != plan.epochs:
@@ -1424,7 +1790,7 @@ def run_study(plan, runs, args, argv, out, data_dir, results_md, png, whole):
         save_state()
         (out / "study.pid").unlink(missing_ok=True)
     if not args.no_report:
-        write_report(whole, out, results_md, png, data_dir, args.quick)
+        report(whole, out, results_md, png, data_dir, args.quick, args.base_out)
     bad = {k: v for k, v in statuses.items() if v != "ok"}
     if bad:
         print(f"{len(bad)} runs did not finish:")
