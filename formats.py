@@ -1,10 +1,14 @@
-"""The file formats the repository reads and writes: safetensors both ways, atomic writes, PEFT adapters.
+"""The file formats the repository reads and writes: safetensors both ways, atomic writes, PEFT
+adapters.
 
-- `load_safetensors` / `write_safetensors`: the safetensors format (a u64 little-endian header size N, N bytes of
-  JSON {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes), with json, struct and numpy;
-  the reader checks the header as the reference `safetensors` library does.
-- `atomic_write`: a file is always its old content or the whole new one (runs, benchmarks, reports).
-- `save_peft`: the PEFT LoRA adapter folder of a LoRA² model (lora2.peft_state_dict written to disk).
+- `load_safetensors` / `write_safetensors`: the safetensors format (a u64 little-endian header
+  size N, N bytes of JSON {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor
+  bytes), with json, struct and numpy; the reader checks the header as the reference
+  `safetensors` library does.
+- `atomic_write`: a file is always its old content or the whole new one (runs, benchmarks,
+  reports).
+- `save_peft`: the PEFT LoRA adapter folder of a LoRA² model (lora2.peft_state_dict written to
+  disk).
 Not here: the method (lora2.py, which writes no files), checkpoints of runs (rundir.py).
 """
 import contextlib
@@ -19,55 +23,66 @@ import torch
 
 import lora2
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # safetensors
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}  # the format's dtype names
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}  # the format's dtype names
 
 
 def load_safetensors(path):
-    """Read a .safetensors file: u64 little-endian header size N, N bytes of JSON {name: {dtype, shape,
-    data_offsets: [begin, end]}} (offsets relative to the end of the header), then the raw little-endian bytes.
-    numpy reads the bytes as integers of the element size; torch reinterprets them (BF16 stays BF16).
+    """Read a .safetensors file: u64 little-endian header size N, N bytes of JSON {name: {dtype,
+    shape, data_offsets: [begin, end]}} (offsets relative to the end of the header), then the raw
+    little-endian bytes. numpy reads the bytes as integers of the element size; torch reinterprets
+    them (BF16 stays BF16).
 
-    The header is checked before any tensor is read, as the reference `safetensors` library checks it: N within the
-    file, a JSON object, then safetensors_layout. A violation raises ValueError naming the file and the tensor."""
+    The header is checked before any tensor is read, as the reference `safetensors` library checks
+    it: N within the file, a JSON object, then safetensors_layout. A violation raises ValueError
+    naming the file and the tensor."""
     size = Path(path).stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
         if n is None or not 2 <= n <= min(size - 8, 100_000_000):
-            raise ValueError(f"{path}: not a safetensors file (header size {n} in a file of {size} bytes); the file is "
-                             f"truncated or of another format")
+            raise ValueError(f"{path}: not a safetensors file (header size {n} in a file of {size} "
+                             f"bytes); the file is truncated or of another format")
         try:
             header = json.loads(f.read(n).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: the safetensors header is not valid JSON ({e}); the file is corrupt") from None
+            raise ValueError(f"{path}: the safetensors header is not valid JSON ({e}); the file is "
+                             f"corrupt") from None
         out = {}
-        for name, (dtype, shape, begin, end) in safetensors_layout(path, header, size - 8 - n).items():
+        for name, (dtype, shape, begin, end) in (
+                safetensors_layout(path, header, size - 8 - n).items()):
             f.seek(8 + n + begin)
-            buf = bytearray(f.read(end - begin))                                # a writable copy of the bytes
+            buf = bytearray(f.read(end - begin))  # a writable copy of the bytes
             itemsize = torch.empty((), dtype=dtype).element_size()
-            a = np.frombuffer(buf, dtype=f"<i{itemsize}").astype(f"=i{itemsize}", copy=False)   # (numel,) raw ints
-            out[name] = torch.from_numpy(a).view(dtype).reshape(shape)          # reinterpret, e.g. int16 -> bf16
+            # (numel,) raw ints, then reinterpret, e.g. int16 -> bf16
+            a = np.frombuffer(buf, dtype=f"<i{itemsize}").astype(f"=i{itemsize}", copy=False)
+            out[name] = torch.from_numpy(a).view(dtype).reshape(shape)
     return out
 
 
 def safetensors_layout(path, header, data_size):
-    """{name: (torch dtype, shape, begin, end)} of a parsed safetensors header, validated as the format requires:
-    __metadata__ a {str: str} map; each tensor a known dtype, a shape and [begin, end] offsets of non-negative integers,
-    end - begin = numel × itemsize; sorted by offset, the tensors start at 0, neither overlap nor leave gaps, and end
-    exactly at the end of the data section (data_size bytes). Raises ValueError naming the file and the tensor."""
+    """{name: (torch dtype, shape, begin, end)} of a parsed safetensors header, validated as the
+    format requires: __metadata__ a {str: str} map; each tensor a known dtype, a shape and [begin,
+    end] offsets of non-negative integers, end - begin = numel × itemsize; sorted by offset, the
+    tensors start at 0, neither overlap nor leave gaps, and end exactly at the end of the data
+    section (data_size bytes). Raises ValueError naming the file and the tensor."""
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object")
+        raise ValueError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not "
+                         f"an object")
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError(f"{path}: __metadata__ must map strings to strings, found {metadata!r:.80}")
+        raise ValueError(f"{path}: __metadata__ must map strings to strings, found "
+                         f"{metadata!r:.80}")
 
-    def naturals(v, length=None):   # a list of non-negative ints (no bools, no floats), of the given length
-        return isinstance(v, list) and length in (None, len(v)) and all(type(x) is int and x >= 0 for x in v)
+    # a list of non-negative ints (no bools, no floats), of the given length
+    def naturals(v, length=None):
+        return (isinstance(v, list) and length in (None, len(v))
+                and all(type(x) is int and x >= 0 for x in v))
 
     layout = {}
     for name, info in header.items():
@@ -78,21 +93,25 @@ def safetensors_layout(path, header, data_size):
             raise ValueError(f"{where} has unsupported dtype {info['dtype']}")
         shape, offsets = info["shape"], info["data_offsets"]
         if not (naturals(shape) and naturals(offsets, 2) and offsets[0] <= offsets[1]):
-            raise ValueError(f"{where}: shape {shape} and data_offsets {offsets} must be lists of non-negative "
-                             f"integers, the offsets [begin, end] with begin <= end")
+            raise ValueError(f"{where}: shape {shape} and data_offsets {offsets} must be lists of "
+                             f"non-negative integers, the offsets [begin, end] with begin <= end")
         dtype = SAFETENSORS_DTYPES[info["dtype"]]
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if offsets[1] - offsets[0] != nbytes:
-            raise ValueError(f"{where} has {offsets[1] - offsets[0]} bytes, shape {shape} needs {nbytes}")
+            raise ValueError(f"{where} has {offsets[1] - offsets[0]} bytes, shape {shape} needs "
+                             f"{nbytes}")
         layout[name] = (dtype, shape, *offsets)
     position = 0
     for name, (_, _, begin, end) in sorted(layout.items(), key=lambda item: item[1][2:]):
         if begin != position:
-            raise ValueError(f"{path}: tensor {name!r} starts at byte {begin} of the data, the previous tensor ends at "
-                             f"{position} ({'they overlap' if begin < position else 'a gap'}); the file is corrupt")
+            raise ValueError(f"{path}: tensor {name!r} starts at byte {begin} of the data, the "
+                             f"previous tensor ends at {position} "
+                             f"({'they overlap' if begin < position else 'a gap'}); the file is "
+                             f"corrupt")
         position = end
     if position != data_size:
-        raise ValueError(f"{path}: the tensors cover {position} bytes, the data section has {data_size}; the file is "
+        raise ValueError(f"{path}: the tensors cover {position} bytes, the data section has "
+                         f"{data_size}; the file is "
                          f"{'truncated' if position > data_size else 'corrupt (trailing bytes)'}")
     return layout
 
@@ -100,22 +119,27 @@ def safetensors_layout(path, header, data_size):
 def write_safetensors(tensors, path, metadata=None):
     """Write {name: tensor} to `path` in the safetensors format, atomically (atomic_write).
 
-    The header maps each name to {"dtype", "shape", "data_offsets": [start, end)} in the byte buffer that follows it;
-    the optional "__metadata__" entry maps strings to strings. Tensors are written row-major in the machine's byte
-    order; the format asks for little-endian, which x86-64 and ARM64 are.
+    The header maps each name to {"dtype", "shape", "data_offsets": [start, end)} in the byte
+    buffer that follows it; the optional "__metadata__" entry maps strings to strings. Tensors are
+    written row-major in the machine's byte order; the format asks for little-endian, which x86-64
+    and ARM64 are.
     """
     metadata = dict(metadata or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise ValueError(f"write_safetensors: metadata must map strings to strings, got {metadata!r}")
+        raise ValueError(f"write_safetensors: metadata must map strings to strings, got "
+                         f"{metadata!r}")
     names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     header = {"__metadata__": metadata} if metadata else {}
     chunks, offset = [], 0
     for key, t in tensors.items():
         if t.dtype not in names:
-            raise ValueError(f"write_safetensors: {key!r} has dtype {t.dtype}, not one of {list(names)}")
-        t = t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)  # own, compact, row-major storage
+            raise ValueError(f"write_safetensors: {key!r} has dtype {t.dtype}, not one of "
+                             f"{list(names)}")
+        # own, compact, row-major storage
+        t = t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
         data = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # the raw bytes, in one copy
-        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)
         offset += len(data)
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -129,22 +153,24 @@ def write_safetensors(tensors, path, metadata=None):
     atomic_write(path, write)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # atomic writes
 
 
 def atomic_write(path, data):
     """Write `data` to `path` so that `path` is always either its old content or the whole new one.
 
-    data: bytes, a str (written as UTF-8) or a callable that writes into the binary file object it is given, e.g.
-    `lambda f: torch.save(obj, f)`. The bytes go to a new temporary file beside `path`, named from the process id and
-    os.urandom and created with O_EXCL (two writers never share one), which is flushed, fsync'ed and os.replace'd over
-    `path`. On any exception the temporary file is removed and the exception re-raised; a previous `path` is untouched.
+    data: bytes, a str (written as UTF-8) or a callable that writes into the binary file object it
+    is given, e.g. `lambda f: torch.save(obj, f)`. The bytes go to a new temporary file beside
+    `path`, named from the process id and os.urandom and created with O_EXCL (two writers never
+    share one), which is flushed, fsync'ed and os.replace'd over `path`. On any exception the
+    temporary file is removed and the exception re-raised; a previous `path` is untouched.
     """
     if isinstance(data, str):
         data = data.encode("utf-8")
     if not (callable(data) or isinstance(data, (bytes, bytearray, memoryview))):
-        raise TypeError(f"atomic_write: data must be bytes, str or a callable taking a file, got {type(data).__name__}")
+        raise TypeError(f"atomic_write: data must be bytes, str or a callable taking a file, got "
+                        f"{type(data).__name__}")
     folder, name = os.path.split(os.path.abspath(os.fspath(path)))
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(8).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
@@ -163,17 +189,20 @@ def atomic_write(path, data):
         raise
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # PEFT adapters
 
 
 def save_peft(model, path, base_model_name_or_path=None, modules_to_save=None):
-    """Write the LoRA² model as a PEFT LoRA adapter in directory `path` (SPEC §6): adapter_model.safetensors and
-    adapter_config.json, for `PeftModel.from_pretrained(base_model, path)` on the untouched base model. What they
-    hold is lora2.peft_state_dict (see there: each layer the exact LoRA of rank min(k, #λ≠0), layers of rank 0 left
-    out, the trained head as modules_to_save). Returns {layer name: LoRA rank}."""
+    """Write the LoRA² model as a PEFT LoRA adapter in directory `path` (SPEC §6):
+    adapter_model.safetensors and adapter_config.json, for `PeftModel.from_pretrained(base_model,
+    path)` on the untouched base model. What they hold is lora2.peft_state_dict (see there: each
+    layer the exact LoRA of rank min(k, #λ≠0), layers of rank 0 left out, the trained head as
+    modules_to_save). Returns {layer name: LoRA rank}."""
     tensors, config = lora2.peft_state_dict(model, base_model_name_or_path, modules_to_save)
     os.makedirs(path, exist_ok=True)
-    write_safetensors(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(tensors, os.path.join(path, "adapter_model.safetensors"),
+                      metadata={"format": "pt"})
     atomic_write(os.path.join(path, "adapter_config.json"), json.dumps(config, indent=2))
-    return {name: len(tensors[f"base_model.model.{name}.lora_A.weight"]) for name in config["target_modules"]}
+    return {name: len(tensors[f"base_model.model.{name}.lora_A.weight"])
+            for name in config["target_modules"]}
