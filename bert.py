@@ -540,6 +540,11 @@ def load_classifier(num_labels, model_dir=None, hf=None, classifier_dropout=None
     return model, tokenize, tokenizer.pad_token_id, HF_TARGETS[config.model_type]
 
 
+def logits(output):
+    """The logits of a classifier's output (transformers returns an object that holds them)."""
+    return output.logits if hasattr(output, "logits") else output
+
+
 def check_max_len(max_len, positions, source):
     """A ValueError when inputs of max_len tokens would not fit the model's `positions` position
     embeddings."""

@@ -1,33 +1,37 @@
-"""train_glue.py --compile: the same training step, compiled and replayed from CUDA graphs.
+"""train_glue.py --compile and --precision: the same training step, compiled and replayed from CUDA
+graphs, in bf16 autocast where that is fast.
 
-The loop in train_glue.py keeps SPEC §4's order in plain sight, and lora2.py computes each step's LoRA² work in a few
-batched kernels already (its FactorGroups and Pruner); this file removes what is left of the host's cost:
-- `compile_blocks`: torch.compile (in place) of each block of the model's longest nn.ModuleList (the transformer
-  layers: one compilation serves every layer). The layers inside read the (A, B) pairs that lora2's FactorGroups
-  computed, eagerly, before the model's forward.
-- `GraphedStep` (CUDA only): the device work of a step (forward, loss + γ·R, backward, clip, optimizer.step)
-  captured into one CUDA graph per batch shape and replayed, so a step costs a few launches instead of thousands.
-  Batches are padded to a few lengths (glue.length_buckets); AdamW is made capturable, its learning rate a device
-  tensor the scheduler fills in place; nothing in a step waits for the GPU (batches come from pinned memory).
-Under DDP (torchrun) the blocks are compiled, but no CUDA graph is captured: DDP's gradient all-reduce runs from
-hooks on the host that a graph replay would skip.
+The loop in train_glue.py keeps SPEC §4's order in plain sight, and lora2.py computes each step's
+LoRA² work in a few batched kernels already (its FactorGroups and Pruner); this file removes what
+is left of the host's cost:
+- `compile_blocks`: torch.compile (in place) of each block of the model's longest nn.ModuleList
+  (the transformer layers: one compilation serves every layer). The layers inside read the (A, B)
+  pairs that lora2's FactorGroups computed, eagerly, before the model's forward.
+- `GraphedStep` (CUDA only): the device work of a step (forward, loss + γ·R, backward, clip,
+  optimizer.step) captured into one CUDA graph per batch shape and replayed, so a step costs a few
+  launches instead of thousands. Batches are padded to a few lengths (glue.length_buckets); AdamW
+  is made capturable, its learning rate a device tensor the scheduler fills in place; nothing in a
+  step waits for the GPU (batches come from pinned memory).
+Under DDP (torchrun) the blocks are compiled, but no CUDA graph is captured: DDP's gradient
+all-reduce runs from hooks on the host that a graph replay would skip.
 Not here: the loop (train_glue.py).
 """
-import functools
+import contextlib
 
 import torch
 import torch.fx.experimental._config as fx_config
 import torch.utils._pytree as pytree
 from torch import nn
 
-BACKENDS = ("inductor", "aot_eager", "eager", "none")  # "none": no torch.compile; on CUDA, graphs of the eager kernels
-MIN_STEPS = 500  # --compile's default: on for one CUDA process from this many steps (a shorter run is eager)
+BACKENDS = ("inductor", "aot_eager", "eager", "none")  # none: CUDA graphs of the eager kernels
+MIN_STEPS = 500  # --compile's default: on for one CUDA process from this many steps
 
 
 def resolve(flag, device, world, steps):
-    """(whether to compile, why): --compile / --no-compile, or None (auto): on for one CUDA process training at
-    least MIN_STEPS steps, where compiling pays for itself (experiments/BENCHMARKS.md); off on the CPU and, until
-    it is measured on GPUs, under DDP (an explicit --compile compiles there, without CUDA graphs)."""
+    """(whether to compile, why): --compile / --no-compile, or None (auto): on for one CUDA process
+    training at least MIN_STEPS steps, where compiling pays for itself (a measured break-even); off
+    on the CPU and, until it is measured on GPUs, under DDP (an explicit --compile compiles there,
+    without CUDA graphs)."""
     if flag is not None:
         return flag, "--compile" if flag else "--no-compile"
     if device.type != "cuda":
@@ -39,68 +43,80 @@ def resolve(flag, device, world, steps):
     return True, "auto"
 
 
-def step(device_step, model, optimizer, cfg, pruner=None):
-    """The compiled step: compile_blocks, then on CUDA and in one process device_step replayed from CUDA graphs
-    (GraphedStep), else device_step itself."""
-    fn = device_step
-    compile_blocks(model, cfg.compile_backend)
-    model.forward = eager_without_grad(model.forward)  # evaluation: a few eager batches, no compile
+def step(device_step, model, optimizer, backend="inductor"):
+    """The compiled step: compile_blocks, then on CUDA and in one process device_step replayed from
+    CUDA graphs (GraphedStep), else device_step itself. Evaluate with torch.compiler.set_stance(
+    "force_eager"): compiling the blocks again for inference costs more than a few eager batches."""
+    compile_blocks(model, backend)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-    return GraphedStep(fn, params, optimizer) if params[0].is_cuda and not distributed else fn
+    if params[0].is_cuda and not distributed:
+        return GraphedStep(device_step, params, optimizer)
+    return device_step
 
 
-def eager_without_grad(forward):
-    """forward, run with torch.compile's stance "force_eager" where autograd is off (evaluation): compiling the
-    blocks once more, for inference, costs more than a few eager batches."""
-    @functools.wraps(forward)
-    def call(*args, **kwargs):
-        if torch.is_grad_enabled():
-            return forward(*args, **kwargs)
-        with torch.compiler.set_stance("force_eager"):
-            return forward(*args, **kwargs)
-    return call
+def resolve_precision(choice, device):
+    """(fp32 or bf16, why): auto is bf16 autocast on CUDA and on CPUs with bf16 instructions
+    (AVX512-BF16, AMX), else fp32. None (a checkpoint without the setting): bf16 on CUDA, fp32 on
+    the CPU."""
+    if choice in ("fp32", "bf16"):
+        return choice, "--precision"
+    if device.type == "cuda" or choice is None:
+        return ("bf16" if device.type == "cuda" else "fp32"), "auto"
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return ("bf16", "auto: a CPU with bf16 instructions") if bf16 else ("fp32", "auto: no bf16 CPU")
+
+
+def autocast(device, precision):
+    """torch.autocast to bf16 for precision "bf16" (matrix products in bf16, the rest fp32)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def compile_blocks(model, backend):
-    """torch.compile, in place, of the blocks of the model's longest nn.ModuleList (else the whole model). The
-    blocks' input is made to require a gradient when autograd is on (it does not after frozen embeddings): then
-    the first block takes the same compiled graph as the others, one compilation fewer, for one more product in
+    """torch.compile, in place, of the blocks of the model's longest nn.ModuleList (else the whole
+    model). The blocks' input is made to require a gradient when autograd is on (it does not after
+    frozen embeddings): then the first block takes the same compiled graph as the others, one
+    compilation fewer, for one more product in
     its backward."""
     if backend == "none":
         return
-    fx_config.use_duck_shape = False  # dynamic sizes: batch 32 × 32 tokens stay two sizes (else one, and a recompile)
+    fx_config.use_duck_shape = False  # batch 32 × 32 tokens: two sizes (else one, then a recompile)
     lists = {id(m): m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1}
     if not lists:
         return model.compile(backend=backend, dynamic=True)
     blocks = max(lists.values(), key=len)
     for block in blocks:
-        block.compile(backend=backend, dynamic=True)  # in place: the same module and state_dict keys
+        block.compile(backend=backend, dynamic=True)  # in place: the same module, state_dict keys
     parent = next(m for m in model.modules() if any(child is blocks for child in m.children()))
     parent.register_forward_pre_hook(_input_requires_grad)
 
 
 def _input_requires_grad(module, args):
-    """Forward pre-hook: a first argument that is a tensor without autograd history, made to require a gradient."""
+    """Forward pre-hook: a first argument that is a tensor without autograd history, made to
+    require a gradient."""
     if args and torch.is_tensor(args[0]) and torch.is_grad_enabled() and not args[0].requires_grad:
         return (args[0].detach().requires_grad_(), *args[1:])
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CUDA graphs
 
 
 class GraphedStep:
-    """fn(*args) -> outputs, replayed from one CUDA graph per input shape: the device work of a training step. args:
-    tensors, or dicts / tuples of them (a batch); outputs: what fn returns, the graph's tensors after a replay.
+    """fn(*args) -> outputs, replayed from one CUDA graph per input shape: the device work of a
+    training step. args: tensors, or dicts / tuples of them (a batch); outputs: what fn returns, the
+    graph's tensors after a replay.
 
-    The first `warmup` calls at a new shape run fn eagerly on a side stream (that is where torch.compile compiles);
-    they are real steps. The next call captures fn into a graph, with every .grad set to None first so that backward
-    writes the gradients into the graph's own memory, then replays it; later calls copy their inputs into the graph's
-    and replay. Each replay points every parameter's .grad at the graph's gradients again, so code that reads .grad
-    after the step (the Pruner) sees this step's, and zero_grad(set_to_none=True) only drops those references.
-    At its first call the optimizer is made capturable, its learning rates device tensors; a scheduler that assigns
-    a number instead of filling the tensor (older torch) is caught and copied into it.
+    The first `warmup` calls at a new shape run fn eagerly on a side stream (that is where
+    torch.compile compiles); they are real steps. The next call captures fn into a graph, with every
+    .grad set to None first so that backward writes the gradients into the graph's own memory, then
+    replays it; later calls copy their inputs into the graph's and replay. Each replay points every
+    parameter's .grad at the graph's gradients again, so code that reads .grad after the step (the
+    Pruner) sees this step's, and zero_grad(set_to_none=True) only drops those references. At its
+    first call the optimizer is made capturable, its learning rates device tensors; a scheduler that
+    assigns a number instead of filling the tensor is caught and copied into it.
     """
 
     def __init__(self, fn, params, optimizer, warmup=2):
@@ -137,13 +153,13 @@ class GraphedStep:
         for p in self.params:
             p.grad = None
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # on its own stream, memory from the graph's private pool; nothing runs yet
+        with torch.cuda.graph(graph):  # its own stream and private memory; nothing runs yet
             outputs = self.fn(*pytree.tree_unflatten(static_inputs, spec))
         return graph, static_inputs, outputs, [p.grad for p in self.params]
 
     def _sync_lr(self):
         groups = self.optimizer.param_groups
-        if self.lrs is None:  # first call, after any optimizer.load_state_dict (which may bring a number)
+        if self.lrs is None:  # first call, after any optimizer.load_state_dict (maybe a number)
             device = self.params[0].device
             for g in groups:
                 g["capturable"] = True
@@ -151,6 +167,6 @@ class GraphedStep:
                     g["lr"] = torch.tensor(float(g["lr"]), device=device)
             self.lrs = [g["lr"] for g in groups]
         for g, lr in zip(groups, self.lrs):
-            if g["lr"] is not lr:  # a scheduler that assigned a number instead of filling the tensor (older torch)
+            if g["lr"] is not lr:  # a scheduler that assigned a number instead of filling it
                 lr.copy_(g["lr"]) if isinstance(g["lr"], torch.Tensor) else lr.fill_(g["lr"])
                 g["lr"] = lr

@@ -1,5 +1,4 @@
-"""The file formats the repository reads and writes: safetensors both ways, atomic writes, PEFT
-adapters.
+"""The file formats the repository reads and writes: safetensors both ways, atomic writes.
 
 - `load_safetensors` / `write_safetensors`: the safetensors format (a u64 little-endian header
   size N, N bytes of JSON {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor
@@ -7,9 +6,7 @@ adapters.
   `safetensors` library does.
 - `atomic_write`: a file is always its old content or the whole new one (runs, benchmarks,
   reports).
-- `save_peft`: the PEFT LoRA adapter folder of a LoRA² model (lora2.peft_state_dict written to
-  disk).
-Not here: the method (lora2.py, which writes no files), checkpoints of runs (rundir.py).
+Not here: the PEFT adapter folder and the checkpoints of runs (rundir.py).
 """
 import contextlib
 import json
@@ -21,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import lora2
 
 # --------------------------------------------------------------------------------------------------
 # safetensors
@@ -187,22 +183,3 @@ def atomic_write(path, data):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-
-
-# --------------------------------------------------------------------------------------------------
-# PEFT adapters
-
-
-def save_peft(model, path, base_model_name_or_path=None, modules_to_save=None):
-    """Write the LoRA² model as a PEFT LoRA adapter in directory `path` (SPEC §6):
-    adapter_model.safetensors and adapter_config.json, for `PeftModel.from_pretrained(base_model,
-    path)` on the untouched base model. What they hold is lora2.peft_state_dict (see there: each
-    layer the exact LoRA of rank min(k, #λ≠0), layers of rank 0 left out, the trained head as
-    modules_to_save). Returns {layer name: LoRA rank}."""
-    tensors, config = lora2.peft_state_dict(model, base_model_name_or_path, modules_to_save)
-    os.makedirs(path, exist_ok=True)
-    write_safetensors(tensors, os.path.join(path, "adapter_model.safetensors"),
-                      metadata={"format": "pt"})
-    atomic_write(os.path.join(path, "adapter_config.json"), json.dumps(config, indent=2))
-    return {name: len(tensors[f"base_model.model.{name}.lora_A.weight"])
-            for name in config["target_modules"]}

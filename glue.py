@@ -286,6 +286,25 @@ def load(name, data_dir=None, dev_split=None, train_size=None, eval_size=None, f
                 data.non_standard, data.source)
 
 
+def load_encoded(name, tokenize, max_len, batch_size, data_dir=None, dev_split=None,
+                 train_size=None, eval_size=None, fetch=False, rank=0, world=1):
+    """(Task, Data, train encodings, train labels as a tensor, {dev split: (encodings, labels)}) of
+    task `name` (load, then encode). Under DDP (world > 1) rank 0 reads, or fetches a missing task,
+    while the other ranks wait for it, then read."""
+    if rank:
+        torch.distributed.barrier()
+    data = load(name, data_dir, dev_split, train_size, eval_size, fetch=fetch and rank == 0)
+    if rank == 0 and world > 1:
+        torch.distributed.barrier()
+    if len(data.train) < batch_size:
+        raise ValueError(f"{len(data.train)} training examples, fewer than a batch ({batch_size})")
+    task = TASKS[name]
+    train_enc, train_y = encode(tokenize, data.train, max_len)
+    train_y = torch.tensor(train_y, dtype=torch.float if task.labels is None else torch.long)
+    return (task, data, train_enc, train_y,
+            {split: encode(tokenize, ex, max_len) for split, ex in data.dev.items()})
+
+
 def encode(tokenize, examples, max_len):
     """([(input_ids, token_type_ids)], labels) for the examples; tokenize(a, b, max_len) gives
     [CLS] a [SEP] (b [SEP])."""

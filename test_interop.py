@@ -1,4 +1,5 @@
-"""LoRA² on Hugging Face models, exported as PEFT LoRA adapters (SPEC §6), and the README's "Use it in your project".
+"""LoRA² on Hugging Face models, exported as PEFT LoRA adapters (SPEC §6), and the docs' examples
+(README.md, docs/peft.md) run as written.
 
 Every model is built from a tiny randomly initialised transformers config: nothing is downloaded. transformers, peft
 and safetensors are optional dependencies (pytest.importorskip); without them these tests are skipped.
@@ -14,6 +15,7 @@ import torch
 
 import formats
 import lora2
+import rundir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded, ever
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -215,7 +217,7 @@ def test_save_peft_loads_in_peft_with_the_same_outputs(arch, tmp_path):
     reference = run(model)
     assert (reference - run(base)).abs().max() > 1e-2
 
-    ranks = formats.save_peft(model, tmp_path, base_model_name_or_path=f"tiny-{arch}")
+    ranks = rundir.save_peft(model, tmp_path, base_model_name_or_path=f"tiny-{arch}")
     assert ranks == {n: r for n, r in expected.items() if r}
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["target_modules"] == sorted(ranks) and config["base_model_name_or_path"] == f"tiny-{arch}"
@@ -243,7 +245,7 @@ def test_pattern_keys_are_unambiguous_in_peft(tmp_path):
     with torch.no_grad():
         layers["bert.encoder.layer.0.attention.output.dense"].lambda_[1:] = 0  # rank 1
         layers["bert.encoder.layer.0.output.dense"].lambda_[2:] = 0  # rank 2
-    formats.save_peft(model, tmp_path)
+    rundir.save_peft(model, tmp_path)
     pattern = json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"]
     for name, _ in model.named_modules():
         if name.startswith(tuple(f"{n}." for n in layers)):
@@ -277,7 +279,7 @@ def test_save_peft_after_pruning_with_the_pruner(tmp_path):
     model.eval()
     ranks = {n: m.rank for n, m in lora2.lora2_modules(model).items()}
     assert sum(ranks.values()) == n_layers // 2 and 0 in ranks.values()
-    formats.save_peft(model, tmp_path)
+    rundir.save_peft(model, tmp_path)
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     assert lora_ranks(loaded, ranks) == {n: min(2, r) for n, r in ranks.items()}
     assert (run(loaded) - run(model)).abs().max() <= 1e-5
@@ -299,7 +301,7 @@ def test_bert_py_model_exports_to_peft_on_the_transformers_model(tmp_path):
     randomise(ours)
     randomise_head(ours, head)
     prune_by_hand(ours)
-    formats.save_peft(ours, tmp_path)
+    rundir.save_peft(ours, tmp_path)
     x = batch()
     with torch.no_grad():
         expected = ours(x["input_ids"], x["attention_mask"])  # logits (2, 3)
@@ -313,20 +315,20 @@ def test_save_peft_modules_to_save_and_errors(tmp_path):
     model, targets, head, _ = tiny("bert")
     lora2.inject(model, targets, r=2, k=2)
     with pytest.raises(ValueError, match="nothing to export: none of the model's 12 LoRA2Linear layers has a non-zero"):
-        formats.save_peft(model, tmp_path / "zero")  # λ = 0 everywhere: every layer has rank 0
+        rundir.save_peft(model, tmp_path / "zero")  # λ = 0 everywhere: every layer has rank 0
     assert not (tmp_path / "zero").exists()
     with pytest.raises(ValueError, match="none of the model's 0 LoRA2Linear layers"):
-        formats.save_peft(torch.nn.Linear(2, 2).requires_grad_(False), tmp_path / "zero")
+        rundir.save_peft(torch.nn.Linear(2, 2).requires_grad_(False), tmp_path / "zero")
     randomise(model)
 
-    formats.save_peft(model, tmp_path / "a")
+    rundir.save_peft(model, tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["bert.pooler.dense", "classifier"]  # inferred from what inject unfroze
     assert config["r"] == config["lora_alpha"] == 2 and config["peft_type"] == "LORA"
     key = "^" + re.escape("bert.encoder.layer.1.output.dense")
     assert config["rank_pattern"][key] == config["alpha_pattern"][key] == 2
 
-    formats.save_peft(model, tmp_path / "b", modules_to_save=())
+    rundir.save_peft(model, tmp_path / "b", modules_to_save=())
     assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["modules_to_save"] is None
     st = pytest.importorskip("safetensors.torch")
     keys_a = set(st.load_file(tmp_path / "a" / "adapter_model.safetensors"))
@@ -338,26 +340,62 @@ def test_save_peft_modules_to_save_and_errors(tmp_path):
     for bad in ("nope", "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.query.base",
                 "bert.encoder.layer.0", ""):
         with pytest.raises(ValueError, match=f"module to save {re.escape(repr(bad))} must be a named submodule"):
-            formats.save_peft(model, tmp_path / "bad", modules_to_save=[bad])
+            rundir.save_peft(model, tmp_path / "bad", modules_to_save=[bad])
 
 
-# ------------------------------------------------------------------------------------------------------- README example
+# ------------------------------------------------------------------------------ the docs' examples
 
-README = pathlib.Path(__file__).with_name("README.md")
-
-
-def readme_example():
-    """The Python block between <!-- example:start --> and <!-- example:end --> in README.md, or None."""
-    text = README.read_text() if README.exists() else ""
-    found = re.search(r"<!-- example:start -->\s*```python\n(.*?)```\s*<!-- example:end -->", text, re.S)
-    return found and found.group(1)
+ROOT = pathlib.Path(__file__).parent
+EXAMPLE = re.compile(r"<!-- example:start -->\s*```python\n(.*?)```\s*<!-- example:end -->", re.S)
 
 
-def test_readme_example_runs_as_written(tmp_path, monkeypatch):
+def run_doc_example(name):
+    """Run the Python block between <!-- example:start --> and <!-- example:end --> of the Markdown
+    file `name` as written, in the current folder; its namespace. A file without the block fails
+    the test (it is never skipped)."""
+    path = ROOT / name
+    found = EXAMPLE.search(path.read_text())
+    if not found:
+        pytest.fail(f"{name} has no <!-- example:start --> ```python ... ``` <!-- example:end -->")
+    namespace = {"__name__": "doc_example"}
+    exec(compile(found.group(1), str(path), "exec"), namespace)
+    return namespace
+
+
+def test_readme_example_runs_as_written():
+    """README.md's LoRA² on a causal LM (a bf16 Llama, R, the Pruner, the PEFT export): the run
+    ends at the schedule's budget b_T, the base stays bf16, and the export is finite and the exact
+    LoRA of every layer: rank min(k, #λ≠0) in rank_pattern, B @ A = s·ΔW to fp32 rounding, the
+    layers pruned to rank 0 left out."""
+    pytest.importorskip("transformers")
+    ns = run_doc_example("README.md")
+    model, pruner, state, config = ns["model"], ns["pruner"], ns["state_dict"], ns["adapter_config"]
+    layers = lora2.lora2_modules(model)
+    assert len(layers) == 7 * 2 and pruner.last_step == ns["T"] - 1 and torch.isfinite(ns["loss"])
+    assert sum(map(sum, lora2.rank_pattern(model).values())) == pruner.bT
+    assert all(m.base.weight.dtype == torch.bfloat16 for m in layers.values())
+    assert state and all(t.dtype == torch.float32 and t.isfinite().all() for t in state.values())
+    exported = 0
+    for name, m in layers.items():
+        key, rank = "^" + re.escape(name), min(m.k, m.rank)
+        if rank == 0:
+            assert key not in config["rank_pattern"]
+            assert f"base_model.model.{name}.lora_A.weight" not in state
+            continue
+        exported += 1
+        assert config["rank_pattern"][key] == config["alpha_pattern"][key] == rank
+        A, B = (state[f"base_model.model.{name}.lora_{x}.weight"] for x in "AB")
+        assert A.shape == (rank, m.in_features) and B.shape == (m.out_features, rank)
+        delta = m.delta_weight()
+        assert torch.linalg.norm(B @ A - delta) <= 1e-5 * torch.linalg.norm(delta), name
+    assert exported == len(config["target_modules"]) > 0
+
+
+def test_peft_doc_example_runs_as_written(tmp_path, monkeypatch):
+    """docs/peft.md's BERT round trip: trained with R and the Pruner, exported, loaded by PEFT with
+    the same logits (the example asserts it); the adapter folder holds both files."""
     pytest.importorskip("peft")
-    code = readme_example()
-    if code is None:
-        pytest.skip("README.md has no <!-- example:start --> ... <!-- example:end --> block")
     monkeypatch.chdir(tmp_path)  # the example writes its adapter to ./adapter
-    exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
-    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    run_doc_example("docs/peft.md")
+    written = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert written == ["adapter_config.json", "adapter_model.safetensors"]

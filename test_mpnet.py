@@ -19,6 +19,7 @@ import torch
 import bert
 import compiled
 import lora2
+import rundir
 import train_glue as tg
 from test_train_glue import WORDS, synthetic_sst2, tiny_config, duck_shapes  # noqa: F401 (a fixture)
 
@@ -192,7 +193,7 @@ def test_train_glue_end_to_end_and_eval_only_reproduces_it(tiny, tmp_path, capsy
     assert [line.split() for line in out if line.startswith("layer")] == \
         [["layer", "query", "key", "value", "attn.out", "inter", "output"]]
     load = tg.parse_config(["--eval_only", "--load", str(run / "adapter.pt")])
-    assert tg.evaluate_checkpoint(load) == m["metrics"]
+    assert rundir.evaluate_saved(load, tg.LoRA2) == m["metrics"]
 
 
 @pytest.mark.parametrize("method", ["lora", "adalora"])

@@ -351,7 +351,7 @@ def test_quick_sweep_starts_from_the_defaults_and_every_setting_is_a_valid_run()
     defaults = train_glue.Config()
     for key in ("task", "train_size", "batch_size", "lr", "gamma", "weight_decay", "max_len"):
         assert getattr(base, key) == getattr(defaults, key), key  # README's quick run is the sweep's base
-    assert base.pooling == "mean" and defaults.pooling is None    # None resolves to mean for the packaged MiniLM
+    assert base.pooling == defaults.pooling == "mean"              # the packaged MiniLM's pooling
     assert defaults.steps is None and base.steps == train_glue.QUICK_STEPS["fp32"]  # the steps by --precision:
     bf16 = ["--precision", "bf16", "--steps", str(train_glue.QUICK_STEPS["bf16"])]  # in bf16, a setting of round 3
     assert bf16 in sweep_quick.ROUNDS[3][1].values()

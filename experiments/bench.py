@@ -404,6 +404,7 @@ class TrainStep:
     def __init__(self, kind, config, device, backend=None, precision="bf16"):
         import compiled
         import glue
+        import rundir
         import train_glue
 
         torch.manual_seed(0)
@@ -433,15 +434,17 @@ class TrainStep:
         if kind == "lora2":
             self.pruner = lora2.Pruner(model, cfg.target_rank, cfg.steps, 0, round(cfg.final_warmup * cfg.steps),
                                        cfg.mask_interval)
-        self.optimizer, self.scheduler, self.params = train_glue.adamw(model, cfg, cfg.steps)
+        self.optimizer, self.scheduler, self.params = rundir.adamw(model, cfg.lr, cfg.weight_decay, cfg.warmup,
+                                                                   cfg.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda t: min(1.0, (t + 1) / 600))
 
-        def device_step(batch, labels, regularizer=lora2.orthogonal_regularizer):  # train_glue.py's, line for line
-            with phase("forward"), train_glue.autocast(device, precision):  # phase: the CPU profile's labels
-                logits = train_glue.logits_of(self.model(**batch))
+        def device_step(batch, labels):  # train_glue.py's, line for line
+            with phase("forward"), compiled.autocast(device, precision):  # phase: the CPU profile's labels
+                logits = bert.logits(self.model(**batch))
             loss_task = glue.task_loss(logits, labels)
             with phase("regulariser"):
-                reg = regularizer(self.model, cross=cfg.cross) if kind == "lora2" else torch.zeros((), device=device)
+                reg = (lora2.orthogonal_regularizer(self.model, cross=cfg.cross) if kind == "lora2"
+                       else torch.zeros((), device=device))
             with phase("backward"):
                 (loss_task + cfg.gamma * reg).backward()
             with phase("clip"):
@@ -450,8 +453,8 @@ class TrainStep:
                 self.optimizer.step()
             return loss_task.detach(), reg.detach()
 
-        self.run = device_step if backend is None else compiled.step(device_step, model, self.optimizer, cfg,
-                                                                     self.pruner)
+        self.run = device_step if backend is None else compiled.step(device_step, model, self.optimizer,
+                                                                     cfg.compile_backend)
 
     def step(self, batch, labels):
         self.run(batch, labels)
