@@ -1,4 +1,4 @@
-"""A train_glue.py run's machinery: its processes, its folder, its bookkeeping, checkpoints and report.
+"""A train_glue.py run's machinery: its processes, folder, bookkeeping, checkpoints and report.
 
 - setup_distributed and parse_flags: DDP from torchrun's environment; a dataclass's fields as flags;
 - claim: --out_dir belongs to one run at a time, and a run that fails leaves nothing behind;
@@ -7,8 +7,8 @@
   the rank pattern as a text heatmap, rank_pattern.png with --plot, the PEFT adapter);
 - save_peft: the PEFT LoRA adapter folder of a LoRA² model (lora2.peft_state_dict written to disk).
 Every file is written atomically (formats.atomic_write): a killed run leaves the previous version,
-never half a file, and a failed write (disk full) says so and keeps the previous file. Everything here
-takes plain values; `settings` is a run's flags as a dict (dataclasses.asdict of its Config).
+never half a file, and a failed write (disk full) says so and keeps the previous file. Everything
+here takes plain values; `settings` is a run's flags as a dict (dataclasses.asdict of its Config).
 Not here: the training loop and the method (train_glue.py, lora2.py).
 """
 import argparse
@@ -90,7 +90,8 @@ def adamw(model, lr, weight_decay, warmup, steps):
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     plain = [n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n for n, _ in params]
     optimizer = torch.optim.AdamW(
-        [{"params": [p for (_, p), no in zip(params, plain) if not no], "weight_decay": weight_decay},
+        [{"params": [p for (_, p), no in zip(params, plain) if not no],
+          "weight_decay": weight_decay},
          {"params": [p for (_, p), no in zip(params, plain) if no], "weight_decay": 0.0}],
         lr=lr, fused=True)
     warm = round(warmup * steps)
@@ -101,13 +102,13 @@ def adamw(model, lr, weight_decay, warmup, steps):
 
 def warmup_steps(init_warmup, final_warmup, steps, source, prunes=True):
     """(t_i, t_f) of (L7) in steps: the fractions --init_warmup and --final_warmup of the run's
-    `steps` (from `source`), rounded. A method that prunes on that schedule needs T > t_i + t_f: else
-    a one-line error in flag names."""
+    `steps` (from `source`), rounded. A method that prunes on that schedule needs T > t_i + t_f:
+    else a one-line error in flag names."""
     t_i, t_f = round(init_warmup * steps), round(final_warmup * steps)
     if prunes and steps <= t_i + t_f:
         raise ValueError(f"--init_warmup {init_warmup:g} and --final_warmup {final_warmup:g} of "
-                         f"{steps} steps ({source}) round to {t_i} + {t_f} steps, leaving no pruning "
-                         f"phase: give more steps or smaller warm-ups")
+                         f"{steps} steps ({source}) round to {t_i} + {t_f} steps, leaving no "
+                         f"pruning phase: give more steps or smaller warm-ups")
     return t_i, t_f
 
 
@@ -154,9 +155,9 @@ def claim(out_dir, resume=False, overwrite=False, export_peft=None):
                              f"train_state.pt to continue from (it ran without --save_every); pass "
                              f"--overwrite to replace it, or choose another --out_dir")
         elif found and not (resume or overwrite):
-            raise ValueError(f"--out_dir {out_dir} already holds a run ({', '.join(found)}); pass "
-                             f"--resume to continue it, --overwrite to replace it, or choose another "
-                             f"--out_dir")
+            raise ValueError(f"--out_dir {out_dir} already holds a run ({', '.join(found)}); "
+                             f"pass --resume to continue it, --overwrite to replace it, or choose "
+                             f"another --out_dir")
         for tmp in out_dir.glob(".*.tmp"):
             if tmp.name.startswith(tuple(f".{name}." for name in RUN_FILES)):
                 tmp.unlink()
@@ -170,8 +171,9 @@ def claim(out_dir, resume=False, overwrite=False, export_peft=None):
 
 
 def _lock(path):
-    """The open lock file `path`, flock'ed exclusively with the process id in it; ValueError if another run holds it.
-    A lock file unlinked by its holder between our open and our flock is not ours: open the new one instead."""
+    """The open lock file `path`, flock'ed exclusively with the process id in it; ValueError if
+    another run holds it. A lock file unlinked by its holder between our open and our flock is not
+    ours: open the new one instead."""
     while True:
         lock = open(path, "a+")
         try:
@@ -180,8 +182,8 @@ def _lock(path):
             lock.seek(0)
             pid = lock.read().strip() or "?"
             lock.close()
-            raise ValueError(f"--out_dir {path.parent} is in use by another run (pid {pid}); wait for it to end or "
-                             f"choose another --out_dir") from None
+            raise ValueError(f"--out_dir {path.parent} is in use by another run (pid {pid}); "
+                             f"wait for it to end or choose another --out_dir") from None
         try:
             if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
                 break
@@ -195,7 +197,8 @@ def _lock(path):
 
 
 def _remove_empty(folders):
-    """rmdir each folder (innermost first) as long as they are empty; one that does not exist is skipped."""
+    """rmdir each folder (innermost first) as long as they are empty; one that does not exist is
+    skipped."""
     for folder in folders:
         try:
             folder.rmdir()
@@ -206,12 +209,14 @@ def _remove_empty(folders):
 
 
 def clear(out_dir):
-    """--overwrite: delete the previous run's files, once every check has passed and before this run writes any."""
+    """--overwrite: delete the previous run's files, once every check has passed and before this
+    run writes any."""
     found = [name for name in RUN_FILES if (out_dir / name).exists()]
     for name in found:
         (out_dir / name).unlink()
     if found:
-        print(f"--overwrite: deleted the previous run's {', '.join(found)} in {out_dir}", file=sys.stderr, flush=True)
+        print(f"--overwrite: deleted the previous run's {', '.join(found)} in {out_dir}",
+              file=sys.stderr, flush=True)
 
 def check_export_folder(path, replace=False):
     """--export_peft: a folder (created at the end) whose nearest existing ancestor is a writable
@@ -237,8 +242,8 @@ def export_peft(export, path, base, done):
     try:
         export(path, base or str(bert.default_model_dir(install=False)))
     except OSError as e:
-        raise OSError(f"--export_peft {path}: could not write the PEFT adapter ({e.strerror or e}); "
-                      f"{done}") from None
+        raise OSError(f"--export_peft {path}: could not write the PEFT adapter "
+                      f"({e.strerror or e}); {done}") from None
     return f"wrote a PEFT LoRA adapter to {path}"
 
 
@@ -276,40 +281,45 @@ def torch_save(obj, path):
 
 
 def write(path, data):
-    """formats.atomic_write; a failed write (disk full, no permission) is one OSError saying the file is unchanged."""
+    """formats.atomic_write; a failed write (disk full, no permission) is one OSError saying the
+    file is unchanged."""
     try:
         formats.atomic_write(path, data)
-    except (OSError, RuntimeError) as e:  # torch.save to a path reports a full disk as a RuntimeError
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed; is the disk full?"
-        raise OSError(f"could not write {path} ({reason}); {Path(path).name} is unchanged (the previous version, if "
-                      f"any, is intact): free disk space or fix permissions, then run again (--resume continues "
-                      f"from the last train_state.pt)") from None
+    except (OSError, RuntimeError) as e:  # torch.save to a path: a full disk is a RuntimeError
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror
+                  else "the write failed; is the disk full?")
+        raise OSError(f"could not write {path} ({reason}); {Path(path).name} is unchanged (the "
+                      f"previous version, if any, is intact): free disk space or fix permissions, "
+                      f"then run again (--resume continues from the last train_state.pt)") from None
 
 
 def load_checkpoint(path, kind, map_location="cpu"):
-    """The dict that save_adapter or save_train_state wrote to `path`, checked to be `kind` ("adapter" or
-    "train_state"): a missing, unreadable (corrupt, truncated, empty) or other kind of file raises a one-line error
-    naming it. Files written before checkpoints carried their "kind" are recognised by their keys."""
+    """The dict that save_adapter or save_train_state wrote to `path`, checked to be `kind`
+    ("adapter" or "train_state"): a missing, unreadable (corrupt, truncated, empty) or other kind of
+    file raises a one-line error naming it. A checkpoint without a "kind" is recognised by its
+    keys."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint; pass {KINDS[kind].split(' (')[0]} written by "
-                                f"train_glue.py")
+        raise FileNotFoundError(f"{path}: no such checkpoint; pass {KINDS[kind].split(' (')[0]} "
+                                f"written by train_glue.py")
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, KeyError, ... on a damaged file
-        raise ValueError(f"{path}: not a readable checkpoint (corrupt or truncated: {type(e).__name__}); use another "
-                         f"copy, or delete it and train again") from None
+    except Exception as e:  # a damaged file: RuntimeError, UnpicklingError, EOFError, KeyError, ...
+        raise ValueError(f"{path}: not a readable checkpoint (corrupt or truncated: "
+                         f"{type(e).__name__}); use another copy, or delete it and train "
+                         f"again") from None
     found = None
     if isinstance(ck, dict) and isinstance(ck.get("config"), dict):
-        found = ck.get("kind") or ("train_state" if "optimizer" in ck else "adapter" if "adapter" in ck else None)
+        found = ck.get("kind") or ("train_state" if "optimizer" in ck
+                                   else "adapter" if "adapter" in ck else None)
     if found != kind:
         what = KINDS.get(found, "not a train_glue.py checkpoint").split(" (")[0]
         raise ValueError(f"{path} is {what}; expected {KINDS[kind]}")
     return ck
 
 def save_adapter(path, settings, step, metrics, state):
-    """adapter.pt: the best evaluation's trained tensors (`state`, {part: {name: tensor}}), its step,
-    metrics and the run's settings; a diverged state is refused (check_finite_state)."""
+    """adapter.pt: the best evaluation's trained tensors (`state`, {part: {name: tensor}}), its
+    step, metrics and the run's settings; a diverged state is refused (check_finite_state)."""
     check_finite_state(state, step, settings["lr"], settings["clip"])
     torch_save({"kind": "adapter", "config": settings, "step": step, "metrics": metrics, **state},
                path)
@@ -330,7 +340,7 @@ def load_adapter(path, flags, given, method, normalize):
                          f"{path} is a --method {saved['method']} run of the study's baselines, "
                          f"not lora2; evaluate it with the script that trained it")
     saved.setdefault("precision", None)  # a checkpoint without it: bf16 on CUDA, fp32 on the CPU
-    saved["pooling"] = saved.get("pooling") or "cls"  # a checkpoint without it read the pooler
+    saved["pooling"] = saved.get("pooling") or "cls"  # a checkpoint without it: the [CLS] pooler
     saved["export_peft"] = None  # where that run exported to: not a setting of this one
     if method == "lora2":
         saved.pop("method", None)
@@ -342,7 +352,8 @@ def load_adapter(path, flags, given, method, normalize):
     clash = sorted(k for k in set(given) - EVAL_CONTROL if flags[k] != saved[k])
     if clash:
         raise ValueError(f"--eval_only takes the settings from {path}, and " + ", ".join(
-            f"--{k} {flags[k]} contradicts its {k} {saved[k]}" for k in clash) + "; drop those flags")
+            f"--{k} {flags[k]} contradicts its {k} {saved[k]}" for k in clash)
+            + "; drop those flags")
     settings = {**saved, "resume": False, "data_dir": flags["data_dir"] or saved["data_dir"],
                 **{k: flags[k] for k in ("no_download", "device", "export_peft", "overwrite")}}
     if settings["export_peft"]:
@@ -455,8 +466,8 @@ class Run:
         self.t0, self.first_step, self.sums = time.time(), self.global_step, (0.0, 0.0, 0)
 
     def start(self, header):
-        """Log the run's first line (`header`) and, resumed, where it goes on from; with --overwrite,
-        the previous run's files go now, every check passed."""
+        """Log the run's first line (`header`) and, resumed, where it goes on from; with
+        --overwrite, the previous run's files go now, every check passed."""
         self.say(header)
         if self.resumed:
             self.say(f"resumed from {self.state_path} at step {self.global_step}")
@@ -531,16 +542,20 @@ class Run:
 # --------------------------------------------------------------------------------------------------
 # the report
 
-SHORT = {"attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
-         "attention.self.query_proj": "query", "attention.self.key_proj": "key", "attention.self.value_proj": "value",
+SHORT = {"attention.self.query": "query", "attention.self.key": "key",
+         "attention.self.value": "value",
+         "attention.self.query_proj": "query", "attention.self.key_proj": "key",
+         "attention.self.value_proj": "value",
          "attention.attn.q": "query", "attention.attn.k": "key", "attention.attn.v": "value",
          "attention.attn.o": "attn.out",  # MPNet's
-         "attention.output.dense": "attn.out", "intermediate.dense": "inter", "output.dense": "output"}
+         "attention.output.dense": "attn.out", "intermediate.dense": "inter",
+         "output.dense": "output"}
 SHADES = " ░▒▓█"
 
 
 def pattern_grid(pattern):
-    """{layer: {module column: kept singular values}} from {matrix name: [kept λ_i]}; layer -1 if the name has none."""
+    """{layer: {module column: kept singular values}} from {matrix name: [kept λ_i]}; layer -1 if
+    the name has none."""
     rows = {}
     for name, kept in pattern.items():
         m = re.search(r"(?:^|\.)(\d+)\.(.+)$", name)  # the first numeric component is the layer
@@ -550,20 +565,23 @@ def pattern_grid(pattern):
 
 
 def rank_heatmap(pattern, r):
-    """The rank pattern as text: one row per layer, one column per module type, cells = kept singular values."""
+    """The rank pattern as text: one row per layer, one column per module type, cells = kept
+    singular values."""
     rows = pattern_grid(pattern)
     columns = list(dict.fromkeys(c for row in rows.values() for c in row))
     width = max(4, *(len(c) for c in columns))
     lines = ["layer " + " ".join(f"{c:>{width}}" for c in columns)]
     for layer in sorted(rows):
         cells = [" " * width if c not in rows[layer] else
-                 f"{SHADES[min(4, math.ceil(4 * rows[layer][c] / r))]}{rows[layer][c]:>{width - 1}}" for c in columns]
+                 f"{SHADES[min(4, math.ceil(4 * rows[layer][c] / r))]}{rows[layer][c]:>{width - 1}}"
+                 for c in columns]
         lines.append(f"{'L' + str(layer) if layer >= 0 else '-':>5} " + " ".join(cells))
     return "\n".join(lines)
 
 
 def plot_rank_pattern(pattern, r, path, title):
-    """rank_pattern.png: the heatmap as an image (matplotlib); None, with a note, when matplotlib is missing."""
+    """rank_pattern.png: the heatmap as an image (matplotlib); None, with a note, when matplotlib
+    is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -573,7 +591,8 @@ def plot_rank_pattern(pattern, r, path, title):
         return None
     rows = pattern_grid(pattern)
     columns, layers = list(dict.fromkeys(c for row in rows.values() for c in row)), sorted(rows)
-    grid = np.array([[rows[layer].get(c, np.nan) for c in columns] for layer in layers], dtype=float)
+    grid = np.array([[rows[layer].get(c, np.nan) for c in columns] for layer in layers],
+                    dtype=float)
     fig, ax = plt.subplots(figsize=(1 + 0.9 * len(columns), 1 + 0.45 * len(layers)))
     image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=r, aspect="auto")
     for (i, j), value in np.ndenumerate(grid):
@@ -590,7 +609,8 @@ def plot_rank_pattern(pattern, r, path, title):
 
 def summary_of(settings, method, counts, run, data, world, device, pattern):
     """metrics.json's summary of a finished run (a Run) on `data` (glue.Data)."""
-    task, best, elapsed, steps = glue.TASKS[settings["task"]], run.best, run.elapsed, settings["steps"]
+    task, best, elapsed, steps = (glue.TASKS[settings["task"]], run.best, run.elapsed,
+                                  settings["steps"])
     main = task.metrics[0]
     return {
         "task": settings["task"], "method": method, "seed": settings["seed"],
@@ -610,8 +630,8 @@ def summary_of(settings, method, counts, run, data, world, device, pattern):
 def summary_lines(summary, out_dir, settings, counts):
     """The printed summary: the metric, the parameters, the time, the rank pattern as a heatmap
     (and rank_pattern.png with --plot), the files written."""
-    task, best, pattern, r = glue.TASKS[summary["task"]], summary["metrics"], summary["rank_pattern"], \
-        settings["r"]
+    task, best, pattern, r = (glue.TASKS[summary["task"]], summary["metrics"],
+                              summary["rank_pattern"], settings["r"])
     lines = [f"{task.dir} dev {summary['main_metric_name']}: {summary['main_metric']:.4f} at step "
              f"{summary['best_step']} of {summary['steps']} ("
              + ", ".join(f"{k} {v:.4f}" for k, v in best.items()) + ")"
@@ -629,8 +649,8 @@ def summary_lines(summary, out_dir, settings, counts):
         png = plot_rank_pattern(pattern, r, out_dir / "rank_pattern.png",
                                 f"{task.dir} {summary['method']} rank pattern")
         lines += [f"wrote {png}"] if png else []
-    lines.append(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'adapter.pt'} (evaluate it again "
-                 f"with --eval_only --load {out_dir / 'adapter.pt'})")
+    lines.append(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'adapter.pt'} (evaluate it "
+                 f"again with --eval_only --load {out_dir / 'adapter.pt'})")
     return lines
 
 
@@ -670,7 +690,8 @@ def fmt_time(seconds):
 @torch.inference_mode()
 def evaluate(model, dev_data, task, pad_id, device, precision):
     """glue.evaluate with the model in eval mode, under the training's autocast; eager even where
-    training is compiled (compiling the blocks again for inference costs more than a few batches)."""
+    training is compiled (compiling the blocks again for inference costs more than a few
+    batches)."""
     model.eval()
     with compiled.autocast(device, precision), torch.compiler.set_stance("force_eager"):
         metrics = glue.evaluate(lambda b: bert.logits(model(**b)), dev_data, task, pad_id, device)
@@ -679,10 +700,10 @@ def evaluate(model, dev_data, task, pad_id, device, precision):
 
 
 def evaluate_saved(cfg, method):
-    """--eval_only --load PATH: rebuild the run that wrote the adapter.pt of cfg.load (its settings in
-    cfg's class, with the flags load_adapter lets through), load its trained tensors into `method`
-    on its backbone and evaluate them on its data; with --export_peft, then export them. Returns
-    the metrics."""
+    """--eval_only --load PATH: rebuild the run that wrote the adapter.pt of cfg.load (its settings
+    in cfg's class, with the flags load_adapter lets through), load its trained tensors into
+    `method` on its backbone and evaluate them on its data; with --export_peft, then export them.
+    Returns the metrics."""
     path, config = cfg.load, type(cfg)
     ck, settings = load_adapter(path, dataclasses.asdict(cfg), cfg.given, method.name,
                                 lambda d: dataclasses.asdict(config(**d)))
