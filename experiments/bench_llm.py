@@ -206,11 +206,13 @@ def header(args, argv, device):
     """The raw file's facts about the machine, the software and the settings."""
     import peft
     import transformers
-    commit = None
-    if (ROOT / ".git").exists():  # a copy of the tree without .git (a GPU machine's) has none
+    commit = None  # HEAD, where its lora2.py is the one measured (a copied tree's .git may lag)
+    if (ROOT / ".git").exists():
         try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                    text=True, check=True).stdout.strip()
+            same = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "lora2.py"], cwd=ROOT)
+            if same.returncode == 0:
+                commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                        text=True, check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             pass
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
