@@ -80,7 +80,7 @@ def tiny(tmp_path_factory):
 def test_one_and_two_processes_eager_and_compiled_train_alike(tiny, tmp_path):
     """Without dropout, 2 gloo processes (each half of every global batch, gradients averaged by DDP) end where one
     process ends: adapter and head within 1e-5, identical masks on both ranks and as one process's; and so does
-    training compiled under DDP (torch.compile with inductor and the grouped fast path, no CUDA graphs on the CPU)."""
+    training compiled under DDP (torch.compile with inductor, lora2's grouped pairs, no CUDA graphs on the CPU)."""
     base = tiny_config(tiny, tmp_path, dropout=0.0, classifier_dropout=0.0, eval_every=0)
     summary, model = tg.train(dataclasses.replace(base, out_dir=str(tmp_path / "one")))
     one = {"pattern": summary["rank_pattern"], "state": adapter_and_head(model)}

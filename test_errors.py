@@ -98,11 +98,20 @@ def copy_run(finished, tmp_path):
     (["--dropout", "-0.1"], "--dropout must be in [0, 1), got -0.1"),
     (["--epochs", "-1"], "--epochs must be > 0, got -1.0"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--alpha", "0"], "alpha must be > 0 (a number), got 0"),  # lora2.inject's check, before data
     (["--resume", "--overwrite"], "give --resume or --overwrite, not both"),
 ])
 def test_flags_out_of_range_are_refused_naming_the_flag(flags, message):
     assert message in error_of(flags)
+
+
+def test_lora2s_own_checks_come_before_the_data(tiny, tmp_path, capsys, monkeypatch):
+    """--alpha, --r, --k, --init reach lora2.inject, which checks them, before any data is read; the
+    run's folder is left as it was (nothing)."""
+    monkeypatch.setattr(tg.glue, "load_encoded", lambda *a, **k: pytest.fail("the data was read"))
+    for flags, message in ((["--alpha", "0"], "alpha must be > 0 (a number), got 0"),
+                           (["--r", "0"], "r and k must be integers >= 1, got r=0, k=4")):
+        assert error_of(argv(tiny, tmp_path / "run", *flags), capsys).endswith(message)
+        assert not (tmp_path / "run").exists()
 
 
 def test_clip_0_means_no_clipping(tiny, tmp_path, monkeypatch):

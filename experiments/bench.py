@@ -4,7 +4,7 @@ Settings (pick with --only; each prints markdown tables):
   step    the whole training step exactly as train_glue.py runs it, for LoRA² (+ γ·R + Pruner.step), the minimal
           LoRA r=8 (ReferenceLoRA below) and PEFT LoRA r=8, on bert.py's BERT with the packaged MiniLM's shape at
           32 × 64 tokens and BERT-base's at 32 × 128 (random weights). CUDA: bf16 autocast, eager and compiled
-          (compiled.py: the grouped fast path, torch.compile, the step replayed from CUDA graphs), plus LoRA² as
+          (compiled.py: the blocks through torch.compile, the step replayed from CUDA graphs), plus LoRA² as
           CUDA graphs of its eager kernels (backend none). CPU: eager, fp32 (train_glue.py's arithmetic before
           --precision) and bf16 autocast (its default on CPUs with bf16 instructions).
           Per step: wall ms (device synchronised before and after), GPU kernel ms, host launches (kernels, graphs,
@@ -397,9 +397,9 @@ class TrainStep:
     """One row of the step setting: bert.py's classifier (random weights) with `kind` on the six matrices of every
     layer, stepped as train_glue.py steps: forward, loss + γ·R, backward, clip, AdamW (fused), the linear schedule,
     for LoRA² Pruner.step (scoring every step, masking every 10th: t_i = 0, cubic phase), zero_grad; in `precision`
-    (bf16 autocast or fp32, train_glue's --precision). backend None: eager; else through compiled.py (the grouped fast
-    path, torch.compile with `backend`, "none" for no torch.compile, and on CUDA the step replayed from a CUDA graph),
-    exactly as train_glue.py --compile."""
+    (bf16 autocast or fp32, train_glue's --precision). backend None: eager; else through compiled.py (the blocks
+    through torch.compile with `backend`, "none" for no torch.compile, and on CUDA the step replayed from a CUDA
+    graph), exactly as train_glue.py --compile."""
 
     def __init__(self, kind, config, device, backend=None, precision="bf16"):
         import compiled
