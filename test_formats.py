@@ -1,5 +1,5 @@
-"""Tests of formats.py: atomic writes (the safetensors reader and writer are tested in test_bert.py, test_errors.py
-and test_interop.py, the PEFT adapter folder in test_interop.py)."""
+"""Tests of formats.py: atomic writes (the safetensors reader and writer are tested in test_bert.py,
+test_errors.py and test_interop.py, the PEFT adapter folder in test_interop.py)."""
 import os
 
 import pytest
@@ -14,7 +14,8 @@ def test_atomic_write(tmp_path, monkeypatch):
     assert path.read_bytes() == b"old"
     formats.atomic_write(str(path), "λ")  # str: UTF-8
     assert path.read_bytes() == "λ".encode()
-    formats.atomic_write(path, lambda f: torch.save({"a": torch.ones(2)}, f))  # a callable writes into the file
+    # a callable writes into the file
+    formats.atomic_write(path, lambda f: torch.save({"a": torch.ones(2)}, f))
     assert torch.equal(torch.load(path)["a"], torch.ones(2))
 
     def disk_full(f):
@@ -35,8 +36,11 @@ def test_atomic_write(tmp_path, monkeypatch):
 
     replaced = []
     real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda src, dst: replaced.append(src) or real_replace(src, dst))
+    monkeypatch.setattr(os, "replace",
+                        lambda src, dst: replaced.append(src) or real_replace(src, dst))
     formats.atomic_write(path, b"a")
     formats.atomic_write(path, b"b")
-    assert [os.path.dirname(src) for src in replaced] == [str(tmp_path)] * 2  # beside the target: one file system
-    assert replaced[0] != replaced[1] and all(f".{os.getpid()}." in src for src in replaced)  # unique names
+    # beside the target: one file system
+    assert [os.path.dirname(src) for src in replaced] == [str(tmp_path)] * 2
+    # unique names
+    assert replaced[0] != replaced[1] and all(f".{os.getpid()}." in src for src in replaced)

@@ -1,4 +1,5 @@
-"""Tests for lora2.py against dense golden references and the identities of SPEC.md (L1)–(L8), §6."""
+"""Tests for lora2.py against dense golden references and the identities of SPEC.md
+(L1)–(L8), §6."""
 import math
 import re
 import warnings
@@ -39,7 +40,8 @@ class Net(nn.Module):
 
 
 class CheckpointedNet(Net):
-    """Net whose blocks run under torch.utils.checkpoint (reentrant or not), as transformers' models do."""
+    """Net whose blocks run under torch.utils.checkpoint (reentrant or not), as transformers'
+    models do."""
 
     def __init__(self, reentrant):
         super().__init__()
@@ -71,12 +73,14 @@ def randomise(net, seed=1):
 def dense_delta(m):
     """s · P_outer P_inner diag(λ) Q_inner Q_outer in float64 (L1): the golden reference."""
     d = lambda t: t.detach().double()
-    return m.scaling * d(m.P_outer) @ d(m.P_inner) @ torch.diag(d(m.lambda_)) @ d(m.Q_inner) @ d(m.Q_outer)
+    return (m.scaling * d(m.P_outer) @ d(m.P_inner) @ torch.diag(d(m.lambda_)) @ d(m.Q_inner)
+            @ d(m.Q_outer))
 
 
-# ---------------------------------------------------------------------------------------------------------------- L1, L2
+# ---------------------------------------------------------------------------------------- L1, L2
 
-@pytest.mark.parametrize("d_in,d_out,r,k", [(7, 5, 4, 3), (5, 9, 8, 2), (6, 6, 2, 5), (8, 3, 3, 1), (4, 4, 1, 1)])
+@pytest.mark.parametrize("d_in,d_out,r,k", [(7, 5, 4, 3), (5, 9, 8, 2), (6, 6, 2, 5), (8, 3, 3, 1),
+                                            (4, 4, 1, 1)])
 def test_forward_equals_dense_product(d_in, d_out, r, k):
     torch.manual_seed(0)
     base = nn.Linear(d_in, d_out)
@@ -86,7 +90,8 @@ def test_forward_equals_dense_product(d_in, d_out, r, k):
     x = torch.randn(2, 3, d_in)
     expected = x.double() @ (W0 + dense_delta(layer)).T + b  # x·(W₀ + s·ΔW)ᵀ + b
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer.delta_weight().double(), dense_delta(layer), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.delta_weight().double(), dense_delta(layer), rtol=1e-5,
+                               atol=1e-6)
     assert layer.scaling == 3.0 / r
 
 
@@ -105,44 +110,52 @@ def test_delta_is_zero_at_init_and_only_lambda_gets_a_task_gradient_at_step_0():
 
 
 def test_docstrings_say_what_the_code_does():
-    """Issue 10.7: reset_parameters said "only λ receives a gradient" at step 0, which holds for the task loss only
-    (γ·R reaches the factors); Pruner.budget said it fixed eq. 14's typo, as if the authors' code had it (it computes
-    t − t_i, as AdaLoRA's does)."""
+    """Issue 10.7: reset_parameters said "only λ receives a gradient" at step 0, which holds for the
+    task loss only (γ·R reaches the factors); Pruner.budget said it fixed eq. 14's typo, as if the
+    authors' code had it (it computes t − t_i, as AdaLoRA's does)."""
     torch.manual_seed(0)
     layer = LoRA2Linear(nn.Linear(6, 5), r=4, k=3, init="paper")
     (layer(torch.randn(8, 6)).pow(2).sum() + 0.1 * lora2.orthogonal_regularizer(layer)).backward()
-    assert all(torch.count_nonzero(p.grad) > 0 for p in (layer.P_outer, layer.P_inner, layer.Q_inner, layer.Q_outer))
+    assert all(torch.count_nonzero(p.grad) > 0
+               for p in (layer.P_outer, layer.P_inner, layer.Q_inner, layer.Q_outer))
     doc = " ".join(LoRA2Linear.reset_parameters.__doc__.split())
-    assert "task loss gives a gradient to λ only" in doc and "regulariser (L3) still pulls on the four factors" in doc
+    assert ("task loss gives a gradient to λ only" in doc
+            and "regulariser (L3) still pulls on the four factors" in doc)
     doc = " ".join(Pruner.budget.__doc__.split())
-    assert "typo fixed" not in doc and "as AdaLoRA's and the authors' code compute it, with (t − t_i)" in doc
+    assert ("typo fixed" not in doc
+            and "as AdaLoRA's and the authors' code compute it, with (t − t_i)" in doc)
 
 
 def test_lora2_py_is_torch_and_stdlib_only_without_private_torch_api():
-    """The copy-paste file's rules: torch plus a short list of stdlib modules; no print; no private torch API but
-    torch._foreach_* (the list operations torch.optim is built on, which the Pruner's equations use); the module
-    docstring opens with the paper, ΔW, shapes, names, limits."""
+    """The copy-paste file's rules: torch plus a short list of stdlib modules; no print; no private
+    torch API but torch._foreach_* (the list operations torch.optim is built on, which the Pruner's
+    equations use); the module docstring opens with the paper, ΔW, shapes, names, limits."""
     import ast
     import inspect
     source = inspect.getsource(lora2)
     tree = ast.parse(source)
-    allowed = {"math", "dataclasses", "typing", "re", "json", "os", "warnings", "logging", "collections", "itertools",
-               "functools", "contextlib", "pathlib", "__future__", "fnmatch", "struct", "torch"}
+    allowed = {"math", "dataclasses", "typing", "re", "json", "os", "warnings", "logging",
+               "collections", "itertools", "functools", "contextlib", "pathlib", "__future__",
+               "fnmatch", "struct", "torch"}
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom)}
     assert imported <= allowed, imported - allowed
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == "print"]
-    private = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_")
-               and ast.unparse(n.value).split(".")[0] in ("torch", "F", "nn") and not n.attr.startswith("__")
+    private = [ast.unparse(n) for n in ast.walk(tree)
+               if isinstance(n, ast.Attribute) and n.attr.startswith("_")
+               and ast.unparse(n.value).split(".")[0] in ("torch", "F", "nn")
+               and not n.attr.startswith("__")
                and not (ast.unparse(n.value) == "torch" and n.attr.startswith("_foreach_"))]
     assert not private, private
     doc = ast.get_docstring(tree)
-    for part in ("arXiv 2408.06854", "ΔW = P · diag(λ) · Q", "k × d_in", "lora_A", "lora_B", "lora_E", "lora_aa",
-                 "lora_bb", "Not supported"):
+    for part in ("arXiv 2408.06854", "ΔW = P · diag(λ) · Q", "k × d_in", "lora_A", "lora_B",
+                 "lora_E", "lora_aa", "lora_bb", "Not supported"):
         assert part in doc, part
     for name, obj in vars(lora2).items():
-        if not name.startswith("_") and getattr(obj, "__module__", None) == "lora2" and callable(obj):
+        if (not name.startswith("_") and getattr(obj, "__module__", None) == "lora2"
+                and callable(obj)):
             assert obj.__doc__, name
             for attr, member in vars(obj).items() if isinstance(obj, type) else ():
                 if not attr.startswith("_") and callable(getattr(member, "__func__", member)):
@@ -156,7 +169,8 @@ def test_inits():
         small = f.T @ f if f.shape[0] >= f.shape[1] else f @ f.T
         torch.testing.assert_close(small, torch.eye(small.shape[0]), atol=1e-5, rtol=0)
     paper = LoRA2Linear(nn.Linear(300, 200), r=8, k=8, init="paper")
-    assert abs(paper.P_outer.std().item() - 0.02) < 0.003 and abs(paper.Q_outer.std().item() - 0.02) < 0.003
+    assert (abs(paper.P_outer.std().item() - 0.02) < 0.003
+            and abs(paper.Q_outer.std().item() - 0.02) < 0.003)
 
 
 def test_merge_unmerge_idempotent_and_not_tied_to_eval():
@@ -178,7 +192,8 @@ def test_merge_unmerge_idempotent_and_not_tied_to_eval():
     lora2.unmerge(net)
     lora2.unmerge(net)
     for n, m in lora2.lora2_modules(net).items():
-        torch.testing.assert_close(m.base.weight, before[n], rtol=0, atol=1e-5)  # fp32 rounding of W₀ + sΔW − sΔW
+        # fp32 rounding of W₀ + sΔW − sΔW
+        torch.testing.assert_close(m.base.weight, before[n], rtol=0, atol=1e-5)
     torch.testing.assert_close(net(x), y, rtol=1e-5, atol=1e-5)
 
 
@@ -199,17 +214,19 @@ def test_merge_on_non_square_layer_uses_the_matrix_product():
     randomise(nn.ModuleList([layer]))
     W0 = layer.base.weight.detach().double().clone()
     layer.merge()
-    torch.testing.assert_close(layer.base.weight.double(), W0 + dense_delta(layer), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.base.weight.double(), W0 + dense_delta(layer), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_unmerge_removes_what_merge_added_after_lambda_changed():
-    """Issue 10.1: unmerge() subtracted the *current* ΔW, so a λ change between merge() and unmerge() (a Pruner step in
-    the final phase, a manual edit) left W₀ wrong for good."""
+    """Issue 10.1: unmerge() subtracted the *current* ΔW, so a λ change between merge() and
+    unmerge() (a Pruner step in the final phase, a manual edit) left W₀ wrong for good."""
     net = make_net()
     randomise(net)
     layers = lora2.lora2_modules(net)
     W0 = {n: m.base.weight.detach().clone() for n, m in layers.items()}
-    pruner = Pruner(net, target_rank=1, total_steps=10, init_warmup=1, final_warmup=3, mask_interval=1)
+    pruner = Pruner(net, target_rank=1, total_steps=10, init_warmup=1, final_warmup=3,
+                    mask_interval=1)
     lora2.merge(net)
     with torch.no_grad():
         net.layers[0].query.lambda_.mul_(3.0)  # a manual edit
@@ -217,7 +234,8 @@ def test_unmerge_removes_what_merge_added_after_lambda_changed():
     assert sum(m.rank for m in layers.values()) == 8
     lora2.unmerge(net)
     for n, m in layers.items():
-        torch.testing.assert_close(m.base.weight, W0[n], rtol=0, atol=1e-5, msg=n)  # fp32 rounding of (W₀ + δ) − δ
+        # fp32 rounding of (W₀ + δ) − δ
+        torch.testing.assert_close(m.base.weight, W0[n], rtol=0, atol=1e-5, msg=n)
     net.eval()
     x = torch.randn(2, 5, 12)
     y = net(x)  # W₀ + today's adapter
@@ -226,46 +244,54 @@ def test_unmerge_removes_what_merge_added_after_lambda_changed():
 
 
 def test_training_forward_through_a_merged_layer_raises():
-    """Issue 10.1: training a merged model silently trained nothing (the adapter is off the autograd path)."""
+    """Issue 10.1: training a merged model silently trained nothing (the adapter is off the
+    autograd path)."""
     net = make_net()
     randomise(net)
     lora2.merge(net)
     x = torch.randn(2, 5, 12)
     net.train()
-    with pytest.raises(RuntimeError, match=r"LoRA2Linear 'layers\.0\.query' is merged: a training forward would train"):
+    with pytest.raises(RuntimeError, match=r"LoRA2Linear 'layers\.0\.query' is merged: "
+                                           r"a training forward would train"):
         net(x)
     with torch.no_grad():
         net(x)  # inference in train mode is fine
     net.eval()
-    net(x).sum().backward()  # and so is an eval-mode forward (e.g. training only the head on a merged model)
+    # and so is an eval-mode forward (e.g. training only the head on a merged model)
+    net(x).sum().backward()
     assert net.classifier.weight.grad is not None and net.layers[0].query.lambda_.grad is None
 
 
 def test_state_dict_of_a_merged_model_holds_W0_and_loading_into_a_merged_model_is_refused():
-    """Issue 10.1: a merged model's state_dict loaded into an unmerged one counted ΔW twice, and loading into a merged
-    model left a weight that matched neither adapter."""
+    """Issue 10.1: a merged model's state_dict loaded into an unmerged one counted ΔW twice, and
+    loading into a merged model left a weight that matched neither adapter."""
     net = make_net()
     randomise(net)
     net.eval()
     x = torch.randn(2, 5, 12)
     y = net(x)
-    unmerged_state = {key: value.clone() for key, value in net.state_dict().items()}  # state_dict() shares storage
+    # state_dict() shares storage
+    unmerged_state = {key: value.clone() for key, value in net.state_dict().items()}
     lora2.merge(net)
     merged_state = net.state_dict()
-    for key, value in unmerged_state.items():  # W₀, not W₀ + s·ΔW (up to fp32 rounding of (W₀ + δ) − δ)
+    # W₀, not W₀ + s·ΔW (up to fp32 rounding of (W₀ + δ) − δ)
+    for key, value in unmerged_state.items():
         torch.testing.assert_close(merged_state[key], value, rtol=0, atol=1e-5, msg=key)
     other = make_net(seed=3).eval()
     other.load_state_dict(merged_state)
     torch.testing.assert_close(other(x), y, rtol=1e-5, atol=1e-5)
 
-    with pytest.raises(RuntimeError, match=r"LoRA2Linear 'layers\.0\.query' is merged; call lora2\.unmerge\(model\)"):
+    with pytest.raises(RuntimeError, match=r"LoRA2Linear 'layers\.0\.query' is merged; "
+                                           r"call lora2\.unmerge\(model\)"):
         net.load_state_dict(make_net(seed=4).state_dict())
-    with pytest.raises(RuntimeError, match=r"load_adapter_state_dict: 8 layers are merged .*unmerge"):
+    with pytest.raises(RuntimeError,
+                       match=r"load_adapter_state_dict: 8 layers are merged .*unmerge"):
         lora2.load_adapter_state_dict(net, lora2.adapter_state_dict(make_net(seed=4)))
-    net.classifier.load_state_dict(make_net(seed=4).classifier.state_dict())  # other modules still load
+    # other modules still load
+    net.classifier.load_state_dict(make_net(seed=4).classifier.state_dict())
     lora2.unmerge(net)
-    torch.testing.assert_close(net.layers[1].down.base.weight, unmerged_state["layers.1.down.base.weight"], rtol=0,
-                               atol=1e-5)
+    torch.testing.assert_close(net.layers[1].down.base.weight,
+                               unmerged_state["layers.1.down.base.weight"], rtol=0, atol=1e-5)
 
 
 class TiedLM(nn.Module):
@@ -291,7 +317,8 @@ def test_merging_a_tied_weight_is_refused():
     ids = torch.randint(0, 11, (2, 5))
     y, embedding = lm(ids), lm.wte.weight.detach().clone()
     for merge in (lora2.merge, lora2.merge_and_unload, lambda model: model.lm_head.merge()):
-        with pytest.raises(ValueError, match=r"LoRA2Linear 'lm_head' shares its weight with 'wte' \(tied weights\)"):
+        with pytest.raises(ValueError, match=r"LoRA2Linear 'lm_head' shares its weight with 'wte' "
+                                             r"\(tied weights\)"):
             merge(lm)
         assert torch.equal(lm.wte.weight, embedding) and not lm.lm_head.merged
     torch.testing.assert_close(lm(ids), y)
@@ -327,10 +354,11 @@ def test_half_precision_base(dtype):
 
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
 def test_fp32_arithmetic_stays_fp32_under_autocast(base_dtype):
-    """Inside torch.autocast(bfloat16), everything lora2 computes in fp32 stays fp32 and equal to what it computes
-    outside: s·ΔW, the exact LoRA export and PEFT's state dict, R (which autocast made bf16: 5e-3 at an orthogonal
-    init, where fp32 gives 1e-7), and merging: the merged weight is W₀ + s·ΔW rounded once, and unmerge() and
-    state_dict() outside autocast work (a bf16 factor kept by merge() raised a dtype error there)."""
+    """Inside torch.autocast(bfloat16), everything lora2 computes in fp32 stays fp32 and equal to
+    what it computes outside: s·ΔW, the exact LoRA export and PEFT's state dict, R (which autocast
+    made bf16: 5e-3 at an orthogonal init, where fp32 gives 1e-7), and merging: the merged weight is
+    W₀ + s·ΔW rounded once, and unmerge() and state_dict() outside autocast work (a bf16 factor kept
+    by merge() raised a dtype error there)."""
     torch.manual_seed(0)
     net = make_net(r=4, k=3)
     for m in lora2.lora2_modules(net).values():
@@ -341,22 +369,27 @@ def test_fp32_arithmetic_stays_fp32_under_autocast(base_dtype):
             m.lambda_.copy_(torch.linspace(-1.0, 1.0, m.r))
     layers = lora2.lora2_modules(net)
     W0 = {n: m.base.weight.detach().clone() for n, m in layers.items()}
-    outside = dict(delta={n: m.delta_weight() for n, m in layers.items()}, lora=lora2.to_lora(net),
-                   peft=lora2.peft_state_dict(net)[0], R=lora2.orthogonal_regularizer(net, cross=0.3))
+    outside = dict(delta={n: m.delta_weight() for n, m in layers.items()},
+                   lora=lora2.to_lora(net), peft=lora2.peft_state_dict(net)[0],
+                   R=lora2.orthogonal_regularizer(net, cross=0.3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert lora2.orthogonal_regularizer(net).dtype == torch.float32
-        assert abs(lora2.orthogonal_regularizer(make_net(r=4, k=3)).item()) < 1e-6 and abs(R0.item()) < 1e-6
-        inside = dict(delta={n: m.delta_weight() for n, m in layers.items()}, lora=lora2.to_lora(net),
-                      peft=lora2.peft_state_dict(net)[0], R=lora2.orthogonal_regularizer(net, cross=0.3))
+        assert (abs(lora2.orthogonal_regularizer(make_net(r=4, k=3)).item()) < 1e-6
+                and abs(R0.item()) < 1e-6)
+        inside = dict(delta={n: m.delta_weight() for n, m in layers.items()},
+                      lora=lora2.to_lora(net), peft=lora2.peft_state_dict(net)[0],
+                      R=lora2.orthogonal_regularizer(net, cross=0.3))
         lora2.merge(net)
         merged_state = net.state_dict()
     for got, want in zip(tensors_in(inside), tensors_in(outside)):
         assert got.dtype == want.dtype and torch.equal(got, want)
-    ulp = 2.0 ** -7 if base_dtype == torch.bfloat16 else 2.0 ** -23  # relative spacing of the base's numbers
+    # relative spacing of the base's numbers
+    ulp = 2.0 ** -7 if base_dtype == torch.bfloat16 else 2.0 ** -23
     tolerance = {n: 2 * ulp * (W0[n].float().abs() + outside["delta"][n].abs()) for n in layers}
     for n, m in layers.items():  # W₀ + s·ΔW in fp32, rounded once to the base's dtype
         assert torch.equal(m.base.weight, (W0[n].float() + outside["delta"][n]).to(base_dtype)), n
-        assert ((merged_state[f"{n}.base.weight"].float() - W0[n].float()).abs() <= tolerance[n]).all(), n
+        assert ((merged_state[f"{n}.base.weight"].float() - W0[n].float()).abs()
+                <= tolerance[n]).all(), n
     lora2.unmerge(net)  # outside autocast
     for n, m in layers.items():  # W₀ up to the rounding of (W₀ + δ) − δ
         assert m.base.weight.dtype == base_dtype
@@ -364,7 +397,8 @@ def test_fp32_arithmetic_stays_fp32_under_autocast(base_dtype):
 
 
 def literal(net):
-    """`net` without its FactorGroups hook: every layer computes its own (A, B), as LoRA2Linear.factors writes it."""
+    """`net` without its FactorGroups hook: every layer computes its own (A, B), as
+    LoRA2Linear.factors writes it."""
     for m in lora2.lora2_modules(net).values():
         if m.groups is not None:
             m.groups.remove()
@@ -373,12 +407,14 @@ def literal(net):
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
-    """Both checkpointing modes give the gradients of the literal per-layer forward without checkpointing, over two
-    accumulated steps with R. Reentrant checkpointing runs each block without autograd and recomputes it inside the
-    backward pass: a layer that took its pair from the model's grouped pass there would send every block's
-    recomputation through the one shared graph of that pass (freed after the first)."""
+    """Both checkpointing modes give the gradients of the literal per-layer forward without
+    checkpointing, over two accumulated steps with R. Reentrant checkpointing runs each block
+    without autograd and recomputes it inside the backward pass: a layer that took its pair from the
+    model's grouped pass there would send every block's recomputation through the one shared graph
+    of that pass (freed after the first)."""
     grads = []
-    x = torch.randn(2, 5, 12, requires_grad=True)  # reentrant checkpointing needs an input that requires grad
+    # reentrant checkpointing needs an input that requires grad
+    x = torch.randn(2, 5, 12, requires_grad=True)
     for net in (literal(make_net()), make_net(net=lambda: CheckpointedNet(reentrant))):
         randomise(net)
         for _ in range(2):
@@ -389,8 +425,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
 
 
 def test_a_submodule_called_alone_uses_the_current_factors():
-    """The grouped pairs belong to the model's forward: a block called on its own after the factors changed (an
-    optimiser step) computes them afresh, with or without autograd, and agrees with the literal per-layer forward."""
+    """The grouped pairs belong to the model's forward: a block called on its own after the factors
+    changed (an optimiser step) computes them afresh, with or without autograd, and agrees with the
+    literal per-layer forward."""
     net, ref = make_net(), literal(make_net())
     randomise(net), randomise(ref)
     x = torch.randn(2, 5, 12)
@@ -405,8 +442,9 @@ def test_a_submodule_called_alone_uses_the_current_factors():
 
 
 def test_copies_and_pickles_after_a_training_forward(tmp_path):
-    """A model holds each forward's grouped pairs and stacks (tensors with autograd history, which deepcopy refuses):
-    deepcopy, torch.save and torch.load drop them, and the copy computes its own, hook included."""
+    """A model holds each forward's grouped pairs and stacks (tensors with autograd history, which
+    deepcopy refuses): deepcopy, torch.save and torch.load drop them, and the copy computes its own,
+    hook included."""
     import copy
     net = make_net()
     randomise(net)
@@ -419,15 +457,17 @@ def test_copies_and_pickles_after_a_training_forward(tmp_path):
     for other in (twin, loaded):
         torch.testing.assert_close(other(x), y, rtol=1e-6, atol=1e-6)
         groups = {id(m.groups) for m in lora2.lora2_modules(other).values()}
-        assert len(groups) == 1 and groups != {id(net.layers[0].query.groups)}  # its own, not the original's
+        # its own, not the original's
+        assert len(groups) == 1 and groups != {id(net.layers[0].query.groups)}
         with torch.no_grad():
             other.layers[0].query.lambda_.zero_()
-        assert not torch.equal(other(x), y) and torch.equal(net(x), y)  # the copies do not share tensors
+        # the copies do not share tensors
+        assert not torch.equal(other(x), y) and torch.equal(net(x), y)
 
 
 def test_dropout_only_on_the_adapter_path():
-    """In training mode, with λ ≠ 0: h = W₀x + b + s·ΔW·drop(x), the base path sees x itself (issue 9: the old test ran
-    in eval() with λ = 0, where any dropout placement passed)."""
+    """In training mode, with λ ≠ 0: h = W₀x + b + s·ΔW·drop(x), the base path sees x itself
+    (issue 9: the old test ran in eval() with λ = 0, where any dropout placement passed)."""
     torch.manual_seed(0)
     layer = LoRA2Linear(nn.Linear(6, 4), r=2, k=2, dropout=0.5).train()
     randomise(nn.ModuleList([layer]))
@@ -441,10 +481,11 @@ def test_dropout_only_on_the_adapter_path():
     expected = x.double() @ W0.T + b + dropped.double() @ dense_delta(layer).T
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
     layer.eval()  # no dropout at all
-    torch.testing.assert_close(layer(x).double(), x.double() @ (W0 + dense_delta(layer)).T + b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x).double(), x.double() @ (W0 + dense_delta(layer)).T + b,
+                               rtol=1e-5, atol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------------------------- inject
+# ---------------------------------------------------------------------------------------- inject
 
 def test_inject_matching_freezing_and_errors():
     torch.manual_seed(0)
@@ -452,11 +493,13 @@ def test_inject_matching_freezing_and_errors():
     names = lora2.inject(net, ["query", re.compile(r"layers\.1\.up")], r=2, k=2)
     assert names == ["layers.0.query", "layers.1.query", "layers.1.up"]
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
-    assert trainable == {f"{n}.{f}" for n in names for f in ("Q_outer", "Q_inner", "lambda_", "P_inner", "P_outer")} \
+    assert trainable == {f"{n}.{f}" for n in names
+                         for f in ("Q_outer", "Q_inner", "lambda_", "P_inner", "P_outer")} \
         | {"classifier.weight", "classifier.bias"}
     with pytest.raises(ValueError, match=r"'layers\.0\.query' is already adapted by LoRA2Linear"):
         lora2.inject(net, ["query"])
-    with pytest.raises(ValueError, match=r"no linear layer matches \['attn'\].*layers\.\{i\}\.down"):
+    with pytest.raises(ValueError,
+                       match=r"no linear layer matches \['attn'\].*layers\.\{i\}\.down"):
         lora2.inject(net, ["attn"])
     with pytest.raises(ValueError, match="no targets"):
         lora2.inject(net, [])
@@ -465,18 +508,21 @@ def test_inject_matching_freezing_and_errors():
 
 
 def test_inject_trainable_accepts_a_string_and_both_arguments_are_validated():
-    """Issue 10.3: trainable="classifier" iterated the string's characters and unfroze nearly the whole model."""
+    """Issue 10.3: trainable="classifier" iterated the string's characters and unfroze nearly the
+    whole model."""
     torch.manual_seed(0)
     net = Net()
     names = lora2.inject(net, "query", r=2, k=2, trainable="classifier")
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
-    assert trainable == {f"{n}.{f}" for n in names for f in lora2.ADAPTER_KEYS[:5]} | {"classifier.weight",
-                                                                                     "classifier.bias"}
+    assert trainable == {f"{n}.{f}" for n in names for f in lora2.ADAPTER_KEYS[:5]} | {
+        "classifier.weight", "classifier.bias"}
     for bad in (5, None, [1], [""], b"query", ["query", re.compile("x")]):
-        with pytest.raises(TypeError, match=r"inject: trainable must be a non-empty string, or a list of them"):
+        with pytest.raises(TypeError, match=r"inject: trainable must be a non-empty string, "
+                                            r"or a list of them"):
             lora2.inject(Net(), "value", trainable=bad)
     for bad in (5, None, [3], "", b"value"):
-        with pytest.raises(TypeError, match=r"inject: targets must be a non-empty string or compiled regex"):
+        with pytest.raises(TypeError,
+                           match=r"inject: targets must be a non-empty string or compiled regex"):
             lora2.inject(Net(), bad)
 
 
@@ -494,8 +540,10 @@ def test_trainable_and_head_match_whole_name_parts():
         "pooler.weight", "pooler.bias", *(f"body.{f}" for f in lora2.ADAPTER_KEYS[:5])}
     counts = lora2.count_parameters(net)
     adapter = 1 * (2 + 2) + 2 * 1 * 1 + 1  # k(d_in + d_out) + 2kr + r
-    assert counts == {"adapter": adapter, "head": 6, "trainable": adapter + 6, "total": adapter + 18}
-    assert lora2.count_parameters(net, head="body")["head"] == adapter  # the adapters are under "body"
+    assert counts == {"adapter": adapter, "head": 6, "trainable": adapter + 6,
+                      "total": adapter + 18}
+    # the adapters are under "body"
+    assert lora2.count_parameters(net, head="body")["head"] == adapter
     lm = TiedLM()
     assert lora2.count_parameters(lm)["total"] == 11 * 8  # a tied tensor counted once
 
@@ -516,34 +564,41 @@ def test_layer_validation_errors():
 
 def test_parameter_count_formula_and_paper_figures():
     net = make_net(r=4, k=3)
-    per_layer = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in lora2.lora2_modules(net).items()}
+    per_layer = {n: sum(p.numel() for p in m.parameters() if p.requires_grad)
+                 for n, m in lora2.lora2_modules(net).items()}
     for n, m in lora2.lora2_modules(net).items():
         assert per_layer[n] == m.k * (m.in_features + m.out_features) + 2 * m.k * m.r + m.r
 
-    class DebertaV3BaseShapes(nn.Module):  # 12 layers × 6 matrices, on the meta device: shapes without memory
+    # 12 layers × 6 matrices, on the meta device: shapes without memory
+    class DebertaV3BaseShapes(nn.Module):
         def __init__(self):
             super().__init__()
             lin = lambda i, o: nn.Linear(i, o, device="meta")
             self.layer = nn.ModuleList(nn.ModuleDict(dict(
-                query_proj=lin(768, 768), key_proj=lin(768, 768), value_proj=lin(768, 768), attention_output=lin(768, 768),
-                intermediate=lin(768, 3072), output=lin(3072, 768))) for _ in range(12))
+                query_proj=lin(768, 768), key_proj=lin(768, 768), value_proj=lin(768, 768),
+                attention_output=lin(768, 768), intermediate=lin(768, 3072),
+                output=lin(3072, 768))) for _ in range(12))
 
     targets = ["query_proj", "key_proj", "value_proj", "attention_output", "intermediate", "output"]
     for k, expected in ((8, 1_336_896), (1, 167_616)):
         model = DebertaV3BaseShapes()
         assert len(lora2.inject(model, targets, r=8, k=k, init="paper")) == 72
         counts = lora2.count_parameters(model)
-        assert counts["adapter"] == counts["trainable"] == expected  # SPEC §1: the paper's 0.72 % and 0.17M
-        backbone = 12 * (4 * (768 * 768 + 768) + 2 * 768 * 3072 + 3072 + 768)  # the frozen weights and biases
+        # SPEC §1: the paper's 0.72 % and 0.17M
+        assert counts["adapter"] == counts["trainable"] == expected
+        # the frozen weights and biases
+        backbone = 12 * (4 * (768 * 768 + 768) + 2 * 768 * 3072 + 3072 + 768)
         assert counts["head"] == 0 and counts["total"] == expected + backbone
 
 
-# ---------------------------------------------------------------------------------------------------------------- L3, L4
+# ---------------------------------------------------------------------------------------- L3, L4
 
 def dense_regularizer(net, cross=0.0, squared=False):
-    """(L3) + cross · (L4) of SPEC §2 written out layer by layer in float64: the golden reference."""
+    """(L3) + cross · (L4) of SPEC §2 written out layer by layer in float64: the
+    golden reference."""
     layers = list(lora2.lora2_modules(net).values())
-    norm = (lambda x: x.pow(2).sum()) if squared else torch.linalg.norm  # ‖·‖²_F or ‖·‖_F
+    # ‖·‖²_F or ‖·‖_F
+    norm = (lambda x: x.pow(2).sum()) if squared else torch.linalg.norm
 
     def deviation(f):  # G(F) − I, G on the smaller dimension
         f = f.detach().double()
@@ -551,9 +606,11 @@ def dense_regularizer(net, cross=0.0, squared=False):
         return g - torch.eye(g.shape[0], dtype=torch.float64)
 
     r_int = sum(norm(deviation(getattr(m, f))) for m in layers for f in lora2.FACTORS)
-    r_int = r_int / (len(layers) if squared else 4 * len(layers))  # m = 4 · layers; squared: mean of per-layer sums
+    # m = 4 · layers; squared: mean of per-layer sums
+    r_int = r_int / (len(layers) if squared else 4 * len(layers))
     square = [m for m in layers if m.in_features == m.out_features]
-    r_ext = sum(norm(m.Q_outer.detach().double() @ m.P_outer.detach().double()) for m in square) / len(square)
+    r_ext = sum(norm(m.Q_outer.detach().double() @ m.P_outer.detach().double())
+                for m in square) / len(square)
     return r_int + cross * r_ext
 
 
@@ -566,7 +623,8 @@ def test_orthogonal_regularizer():
     for cross in (0.0, 0.5):
         for squared in (False, True):
             got = lora2.orthogonal_regularizer(net, cross=cross, squared=squared)
-            torch.testing.assert_close(got.double(), dense_regularizer(net, cross, squared), rtol=1e-5, atol=0)
+            torch.testing.assert_close(got.double(), dense_regularizer(net, cross, squared),
+                                       rtol=1e-5, atol=0)
     reg = lora2.orthogonal_regularizer(net, cross=0.5)
     reg.backward()
     for m in lora2.lora2_modules(net).values():
@@ -576,15 +634,19 @@ def test_orthogonal_regularizer():
 
 
 def test_regularizer_default_is_the_unsquared_frobenius_norm_averaged_over_matrices():
-    """Issue 10.4: (L3) was a squared per-layer sum; the code behind the paper's γ (AdaLoRA, PEFT, the authors) uses
-    (1/m) Σ ‖G − I‖_F over the m = 4 · layers matrices (SPEC §2). The squared form stays behind squared=True."""
+    """Issue 10.4: (L3) was a squared per-layer sum; the code behind the paper's γ (AdaLoRA, PEFT,
+    the authors) uses (1/m) Σ ‖G − I‖_F over the m = 4 · layers matrices (SPEC §2). The squared form
+    stays behind squared=True."""
     torch.manual_seed(0)
     net = make_net(r=2, k=3)
     with torch.no_grad():
         for m in lora2.lora2_modules(net).values():
-            m.P_outer.mul_(2.0)  # P_outerᵀP_outer = 4·I_3: ‖3·I_3‖_F = 3√3, the other three factors stay orthogonal
-    torch.testing.assert_close(lora2.orthogonal_regularizer(net), torch.tensor(3 * math.sqrt(3) / 4))  # 8·3√3 / 32
-    torch.testing.assert_close(lora2.orthogonal_regularizer(net, squared=True), torch.tensor(27.0))  # ‖3·I_3‖²_F
+            # P_outerᵀP_outer = 4·I_3: ‖3·I_3‖_F = 3√3, the other three factors stay orthogonal
+            m.P_outer.mul_(2.0)
+    torch.testing.assert_close(lora2.orthogonal_regularizer(net),
+                               torch.tensor(3 * math.sqrt(3) / 4))  # 8·3√3 / 32
+    torch.testing.assert_close(lora2.orthogonal_regularizer(net, squared=True),
+                               torch.tensor(27.0))  # ‖3·I_3‖²_F
 
 
 def test_external_regularizer_only_on_square_layers():
@@ -595,18 +657,20 @@ def test_external_regularizer_only_on_square_layers():
     square = [m for m in layers.values() if m.in_features == m.out_features]
     assert len(square) == 4 and len(layers) == 8
     r_int = lora2.orthogonal_regularizer(net)
-    r_ext = torch.stack([torch.linalg.norm(m.Q_outer @ m.P_outer) for m in square]).mean()  # (L4) by hand
+    # (L4) by hand
+    r_ext = torch.stack([torch.linalg.norm(m.Q_outer @ m.P_outer) for m in square]).mean()
     torch.testing.assert_close(lora2.orthogonal_regularizer(net, cross=0.3), r_int + 0.3 * r_ext)
     torch.manual_seed(0)
     wide = nn.Sequential(nn.Linear(4, 6))
     lora2.inject(wide, "0", r=2, k=2)
     randomise(wide)
-    assert torch.equal(lora2.orthogonal_regularizer(wide, cross=1.0), lora2.orthogonal_regularizer(wide))
+    assert torch.equal(lora2.orthogonal_regularizer(wide, cross=1.0),
+                       lora2.orthogonal_regularizer(wide))
     with pytest.raises(ValueError, match="no LoRA2Linear layer"):
         lora2.orthogonal_regularizer(nn.Linear(2, 2))
 
 
-# ---------------------------------------------------------------------------------------------------------------- L5–L8
+# ---------------------------------------------------------------------------------------- L5–L8
 
 def expected_budget(t, b0, bT, T, ti, tf):
     """(L7), written out independently."""
@@ -620,13 +684,17 @@ def expected_budget(t, b0, bT, T, ti, tf):
 def test_budget_schedule_L7():
     net = make_net(r=4, k=3)  # 8 layers: b₀ = 32
     T, ti, tf = 100, 10, 30
-    pruner = Pruner(net, target_rank=1, total_steps=T, init_warmup=ti, final_warmup=tf, mask_interval=5)
+    pruner = Pruner(net, target_rank=1, total_steps=T, init_warmup=ti, final_warmup=tf,
+                    mask_interval=5)
     assert (pruner.b0, pruner.bT) == (32, 8)
     for t in (0, ti, ti + 1, (ti + T - tf) // 2, T - tf, T - tf + 1, T):
         assert pruner.budget(t) == expected_budget(t, 32, 8, T, ti, tf), t
-    assert pruner.budget(ti) == 32 and pruner.budget(ti + 1) == 30 and pruner.budget(T - tf) == 8  # ⌊8 + 24·(59/60)³⌋
-    assert [pruner.budget(t) for t in range(T + 1)] == sorted([pruner.budget(t) for t in range(T + 1)], reverse=True)
-    total = Pruner(net, target_rank=1, total_steps=T, init_warmup=ti, final_warmup=tf, mask_interval=5, target_total=5)
+    assert (pruner.budget(ti) == 32 and pruner.budget(ti + 1) == 30  # ⌊8 + 24·(59/60)³⌋
+            and pruner.budget(T - tf) == 8)
+    assert [pruner.budget(t) for t in range(T + 1)] == sorted(
+        [pruner.budget(t) for t in range(T + 1)], reverse=True)
+    total = Pruner(net, target_rank=1, total_steps=T, init_warmup=ti, final_warmup=tf,
+                   mask_interval=5, target_total=5)
     assert total.budget(T) == 5
 
 
@@ -652,7 +720,8 @@ def train(net, pruner, steps, seed=0, on_step=None, start=0, opt=None):
 def test_masking_keeps_exactly_b_t_and_freezes_in_final_phase():
     net = make_net(r=4, k=3)
     T, ti, tf = 40, 4, 12
-    pruner = Pruner(net, target_rank=1, total_steps=T, init_warmup=ti, final_warmup=tf, mask_interval=3)
+    pruner = Pruner(net, target_rank=1, total_steps=T, init_warmup=ti, final_warmup=tf,
+                    mask_interval=3)
     layers = lora2.lora2_modules(net).values()
     seen = {}
 
@@ -664,7 +733,8 @@ def test_masking_keeps_exactly_b_t_and_freezes_in_final_phase():
         if t > T - tf:
             assert nonzero == kept == pruner.bT, t
             seen.setdefault("final", lora2.rank_pattern(net))
-            assert lora2.rank_pattern(net) == seen["final"]  # the pattern never changes in the final phase
+            # the pattern never changes in the final phase
+            assert lora2.rank_pattern(net) == seen["final"]
             for m in layers:  # and pruned λ stay exactly zero
                 assert torch.all(m.lambda_[~m.lambda_mask] == 0)
     train(net, pruner, T + 1, on_step=check)
@@ -673,7 +743,8 @@ def test_masking_keeps_exactly_b_t_and_freezes_in_final_phase():
 
 def test_ties_never_over_prune():
     net = make_net(r=4, k=3)
-    pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=0, final_warmup=2, mask_interval=1)
+    pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=0, final_warmup=2,
+                    mask_interval=1)
     with torch.no_grad():
         for m in lora2.lora2_modules(net).values():
             m.lambda_.fill_(1.0)
@@ -685,14 +756,16 @@ def test_ties_never_over_prune():
 def test_target_rank_equal_to_r_keeps_everything():
     net = make_net(r=4, k=3)
     randomise(net)
-    pruner = Pruner(net, target_rank=4, total_steps=20, init_warmup=2, final_warmup=5, mask_interval=1)
+    pruner = Pruner(net, target_rank=4, total_steps=20, init_warmup=2, final_warmup=5,
+                    mask_interval=1)
     train(net, pruner, 20)
     assert all(all(p) for p in lora2.rank_pattern(net).values())
     assert sum(m.rank for m in lora2.lora2_modules(net).values()) == 32
 
 
 class ReferencePruner:
-    """AdaLoRA's allocator restricted to λ, P_inner, Q_inner, one parameter at a time: a golden reference for (L5)–(L8)."""
+    """AdaLoRA's allocator restricted to λ, P_inner, Q_inner, one parameter at a time: a golden
+    reference for (L5)–(L8)."""
 
     def __init__(self, net, pruner):
         self.p, self.net = pruner, net
@@ -717,16 +790,18 @@ class ReferencePruner:
             return None
         scores = {}
         for name, m in mods.items():
-            s = {kind: self.ibar[name, kind] * self.ubar[name, kind] for kind in ("lambda_", "P_inner", "Q_inner")}
+            s = {kind: self.ibar[name, kind] * self.ubar[name, kind]
+                 for kind in ("lambda_", "P_inner", "Q_inner")}
             for i in range(m.r):  # (L6), literally
-                scores[name, i] = (s["lambda_"][i] + s["P_inner"][:, i].sum() / m.k + s["Q_inner"][i, :].sum() / m.k).item()
+                scores[name, i] = (s["lambda_"][i] + s["P_inner"][:, i].sum() / m.k
+                                   + s["Q_inner"][i, :].sum() / m.k).item()
         budget = expected_budget(t, p.b0, p.bT, p.T, p.t_i, p.t_f)
         return set(sorted(scores, key=lambda key: -scores[key])[:budget])
 
 
 class LiteralPruner(Pruner):
-    """The Pruner's (L5), (L6) and (L8) written per layer and per factor, one small operation at a time: the
-    reference for the list and stack operations of lora2.Pruner."""
+    """The Pruner's (L5), (L6) and (L8) written per layer and per factor, one small operation at a
+    time: the reference for the list and stack operations of lora2.Pruner."""
 
     @torch.no_grad()
     def update_scores(self):
@@ -736,7 +811,8 @@ class LiteralPruner(Pruner):
                 if w.grad is not None:
                     I = (w.float() * w.grad.float()).abs()  # (eq. 10)
                     self.Ibar[name][kind].lerp_(I, 1 - self.beta1)  # (eq. 11)
-                    self.Ubar[name][kind].lerp_((I - self.Ibar[name][kind]).abs(), 1 - self.beta2)  # (eq. 12)
+                    self.Ubar[name][kind].lerp_((I - self.Ibar[name][kind]).abs(),
+                                                1 - self.beta2)  # (eq. 12)
 
     @torch.no_grad()
     def triplet_scores(self):
@@ -777,18 +853,23 @@ def literal_regularizer(net, cross=0.0, squared=False):
     return r_int + cross * sum(norm(m.Q_outer @ m.P_outer) for m in square) / len(square)
 
 
-@pytest.mark.parametrize("scored,cross,squared", [("inner", 0.0, False), ("all", 0.3, False), ("inner", 0.3, True)])
+@pytest.mark.parametrize("scored,cross,squared",
+                         [("inner", 0.0, False), ("all", 0.3, False), ("inner", 0.3, True)])
 def test_grouped_computation_equals_the_literal_form_at_every_step(scored, cross, squared):
-    """lora2's speed comes from how it computes, never from what: the grouped (A, B) of FactorGroups, R from the
-    forward's stacks and the Pruner's list and stack operations give the literal per-layer form's outputs, R,
-    gradients, Ī, Ū, triplet scores, masks and weights to 1e-6 (fp32) at every step of a run through every phase of
-    (L7): warm-up, cubic masking every 2 steps, the final pattern. Each stage gets identical inputs on both sides: the
-    optimiser steps from the reference's gradients on both, and the fast side takes the reference's Ī and Ū after the
-    comparison, so that rounding differences (1e-7) do not compound through AdamW's normalised steps."""
-    kw = dict(target_rank=1, total_steps=16, init_warmup=2, final_warmup=5, mask_interval=2, scored=scored)
+    """lora2's speed comes from how it computes, never from what: the grouped (A, B) of
+    FactorGroups, R from the forward's stacks and the Pruner's list and stack operations give the
+    literal per-layer form's outputs, R, gradients, Ī, Ū, triplet scores, masks and weights to 1e-6
+    (fp32) at every step of a run through every phase of (L7): warm-up, cubic masking every 2 steps,
+    the final pattern. Each stage gets identical inputs on both sides: the optimiser steps from the
+    reference's gradients on both, and the fast side takes the reference's Ī and Ū after the
+    comparison, so that rounding differences (1e-7) do not compound through AdamW's
+    normalised steps."""
+    kw = dict(target_rank=1, total_steps=16, init_warmup=2, final_warmup=5, mask_interval=2,
+              scored=scored)
     fast, ref = make_net(r=4, k=3, init="paper"), literal(make_net(r=4, k=3, init="paper"))
     p_fast, p_ref = Pruner(fast, **kw), LiteralPruner(ref, **kw)
-    opts = [torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=0.05) for net in (fast, ref)]
+    opts = [torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=0.05)
+            for net in (fast, ref)]
 
     def close(a, b, what):
         assert ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item() < 1e-6, what
@@ -826,7 +907,8 @@ def test_grouped_computation_equals_the_literal_form_at_every_step(scored, cross
 def test_pruner_matches_per_parameter_reference():
     net = make_net(r=4, k=3)
     T, ti, tf = 30, 3, 8
-    pruner = Pruner(net, target_rank=2, total_steps=T, init_warmup=ti, final_warmup=tf, mask_interval=2)
+    pruner = Pruner(net, target_rank=2, total_steps=T, init_warmup=ti, final_warmup=tf,
+                    mask_interval=2)
     ref = ReferencePruner(net, pruner)
     checked = []
     real_step = pruner.step
@@ -835,7 +917,8 @@ def test_pruner_matches_per_parameter_reference():
         kept = ref.step(t)  # reads the same .grad before the pruner masks λ
         real_step(t)
         if kept is not None:
-            got = {(n, i) for n, pattern in lora2.rank_pattern(net).items() for i, k in enumerate(pattern) if k}
+            got = {(n, i) for n, pattern in lora2.rank_pattern(net).items()
+                   for i, k in enumerate(pattern) if k}
             assert got == kept, t
             checked.append(t)
 
@@ -846,8 +929,10 @@ def test_pruner_matches_per_parameter_reference():
 
 def test_sensitivities_only_for_lambda_and_inner_factors():
     net = make_net(r=4, k=3)
-    pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=1, final_warmup=2, mask_interval=1)
-    assert all(set(d) == {"lambda_", "P_inner", "Q_inner"} for d in (*pruner.Ibar.values(), *pruner.Ubar.values()))
+    pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=1, final_warmup=2,
+                    mask_interval=1)
+    assert all(set(d) == {"lambda_", "P_inner", "Q_inner"}
+               for d in (*pruner.Ibar.values(), *pruner.Ubar.values()))
     tracked = sum(t.numel() for d in pruner.Ibar.values() for t in d.values())
     assert tracked == pruner.stats()["scored"] == 8 * (4 + 2 * 3 * 4)
     stats = pruner.stats()
@@ -856,15 +941,18 @@ def test_sensitivities_only_for_lambda_and_inner_factors():
     assert stats["adalora_scored"] == sum(4 * (m.in_features + m.out_features) + 4
                                           for m in lora2.lora2_modules(net).values())
     pruner.close()
-    every = Pruner(net, target_rank=2, total_steps=10, init_warmup=1, final_warmup=2, mask_interval=1, scored="all")
-    assert all(set(d) == {"lambda_", "P_inner", "Q_inner", "P_outer", "Q_outer"} for d in every.Ibar.values())
+    every = Pruner(net, target_rank=2, total_steps=10, init_warmup=1, final_warmup=2,
+                   mask_interval=1, scored="all")
+    assert all(set(d) == {"lambda_", "P_inner", "Q_inner", "P_outer", "Q_outer"}
+               for d in every.Ibar.values())
     train(net, every, 3)
     assert all(t.abs().sum() > 0 for d in every.Ibar.values() for t in d.values())
 
 
 def test_parameter_without_gradient_is_skipped():
     net = make_net(r=4, k=3)
-    pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=0, final_warmup=2, mask_interval=1)
+    pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=0, final_warmup=2,
+                    mask_interval=1)
     frozen = net.layers[0].query
     frozen.P_inner.requires_grad_(False)  # never gets a .grad
     train(net, pruner, 4)
@@ -876,7 +964,8 @@ def test_pruner_validation_errors():
     net = make_net(r=4, k=3)
     ok = dict(target_rank=2, total_steps=10, init_warmup=2, final_warmup=3, mask_interval=1)
     cases = [
-        (dict(total_steps=5), r"total_steps \(T=5\) must exceed init_warmup \+ final_warmup \(t_i \+ t_f = 2 \+ 3 = 5\)"),
+        (dict(total_steps=5), r"total_steps \(T=5\) must exceed init_warmup \+ final_warmup "
+                              r"\(t_i \+ t_f = 2 \+ 3 = 5\)"),
         (dict(target_rank=5), r"target_rank=5 exceeds r=4"),
         (dict(target_rank=-1), r"target_rank must be an integer >= 0, got -1"),
         (dict(mask_interval=0), r"mask_interval must be >= 1, got 0"),
@@ -906,20 +995,22 @@ def test_bool_is_not_an_integer():
 
 
 def test_warns_when_never_stepped_and_close_removes_the_hook():
-    """A pruner never stepped warns after 100 backward passes, eager and under torch.compile (a hook on a λ's
-    gradient: a compiled graph does not bypass it, where it did bypass the forward pre-hook that counted before);
-    close() removes the hook, and a pruner that is stepped never warns."""
+    """A pruner never stepped warns after 100 backward passes, eager and under torch.compile (a hook
+    on a λ's gradient: a compiled graph does not bypass it, where it did bypass the forward pre-hook
+    that counted before); close() removes the hook, and a pruner that is stepped never warns."""
     x = torch.randn(1, 2, 12)
     try:
         for compiled in (False, True):
             torch._dynamo.reset()
             net = make_net()
-            pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=2, final_warmup=3, mask_interval=1)
+            pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=2, final_warmup=3,
+                            mask_interval=1)
             model = torch.compile(net, backend="aot_eager") if compiled else net
             with pytest.warns(UserWarning, match="not been called in 100 backward passes"):
                 for _ in range(100):
                     model(x).sum().backward()
-        quiet = Pruner(make_net(), target_rank=2, total_steps=10, init_warmup=2, final_warmup=3, mask_interval=1)
+        quiet = Pruner(make_net(), target_rank=2, total_steps=10, init_warmup=2, final_warmup=3,
+                       mask_interval=1)
         quiet.close()
         quiet.close()  # idempotent
         pruner.close()
@@ -928,7 +1019,8 @@ def test_warns_when_never_stepped_and_close_removes_the_hook():
             for _ in range(200):
                 model(x).sum().backward()
             stepped = make_net()
-            used = Pruner(stepped, target_rank=2, total_steps=300, init_warmup=2, final_warmup=3, mask_interval=1)
+            used = Pruner(stepped, target_rank=2, total_steps=300, init_warmup=2, final_warmup=3,
+                          mask_interval=1)
             for t in range(150):
                 stepped(x).sum().backward()
                 used.step(t)
@@ -959,10 +1051,12 @@ def map_tensors(state, fn):
 
 
 def test_scores_are_updated_only_while_t_below_T_minus_t_f():
-    """Issue 10.5: scores were updated at t = T − t_f too; AdaLoRA's RankAllocator and PEFT stop at t < T − t_f."""
+    """Issue 10.5: scores were updated at t = T − t_f too; AdaLoRA's RankAllocator and PEFT stop at
+    t < T − t_f."""
     net = make_net(r=4, k=3)
     T, ti, tf = 12, 2, 4  # T − t_f = 8
-    pruner = Pruner(net, target_rank=1, total_steps=T, init_warmup=ti, final_warmup=tf, mask_interval=3)
+    pruner = Pruner(net, target_rank=1, total_steps=T, init_warmup=ti, final_warmup=tf,
+                    mask_interval=3)
     scores = {}
     train(net, pruner, T - tf + 2, on_step=lambda t: scores.__setitem__(
         t, [x.clone() for x in tensors_in(pruner.state_dict()) if x.is_floating_point()]))
@@ -973,30 +1067,36 @@ def test_scores_are_updated_only_while_t_below_T_minus_t_f():
 
 
 def test_a_step_that_finds_no_gradient_warns():
-    """Pruner.step called after zero_grad (a transformers TrainerCallback's on_step_end does that) found no gradient
-    anywhere and pruned by position without a word; now it warns, naming where to call it."""
+    """Pruner.step called after zero_grad (a transformers TrainerCallback's on_step_end does that)
+    found no gradient anywhere and pruned by position without a word; now it warns, naming where to
+    call it."""
     net = make_net()
-    pruner = Pruner(net, target_rank=1, total_steps=10, init_warmup=0, final_warmup=2, mask_interval=1)
+    pruner = Pruner(net, target_rank=1, total_steps=10, init_warmup=0, final_warmup=2,
+                    mask_interval=1)
     net(torch.randn(2, 5, 12)).sum().backward()
     net.zero_grad(set_to_none=True)
-    with pytest.warns(UserWarning, match=r"no scored factor has a gradient.*before optimizer.zero_grad"):
+    with pytest.warns(UserWarning,
+                      match=r"no scored factor has a gradient.*before optimizer.zero_grad"):
         pruner.step(0)
 
 
 def test_non_finite_scores_raise():
-    """A diverged run's NaN gradients made NaN scores, and the mask was chosen from them; masking now refuses."""
+    """A diverged run's NaN gradients made NaN scores, and the mask was chosen from them; masking
+    now refuses."""
     net = make_net()
-    pruner = Pruner(net, target_rank=1, total_steps=10, init_warmup=0, final_warmup=2, mask_interval=2)
+    pruner = Pruner(net, target_rank=1, total_steps=10, init_warmup=0, final_warmup=2,
+                    mask_interval=2)
     net(torch.randn(2, 5, 12)).sum().backward()
     net.layers[1].up.lambda_.grad[0] = float("nan")
     pruner.step(1)  # scores only
-    with pytest.raises(FloatingPointError, match=r"1 of 32 importance scores are not finite.*lower the learning"):
+    with pytest.raises(FloatingPointError,
+                       match=r"1 of 32 importance scores are not finite.*lower the learning"):
         pruner.step(2)  # a masking step
 
 
 def test_numpy_integers_are_integers_and_alpha_must_be_a_number():
-    """Pruner.step(np.int64(0)) and target_rank=np.int64(2) were refused (a loop counter from numpy); alpha="16"
-    reached the arithmetic as a raw TypeError; NaN passed."""
+    """Pruner.step(np.int64(0)) and target_rank=np.int64(2) were refused (a loop counter from
+    numpy); alpha="16" reached the arithmetic as a raw TypeError; NaN passed."""
     np = pytest.importorskip("numpy")
     net = make_net(r=4, k=3)
     pruner = Pruner(net, target_rank=np.int64(2), total_steps=np.int64(10), init_warmup=np.int32(1),
@@ -1012,7 +1112,8 @@ def test_numpy_integers_are_integers_and_alpha_must_be_a_number():
             LoRA2Linear(nn.Linear(3, 3), dropout=dropout)
     for bad in (np.float64(2.0), np.bool_(True), 2.5):
         with pytest.raises(ValueError, match="target_rank must be an integer"):
-            Pruner(net, target_rank=bad, total_steps=10, init_warmup=1, final_warmup=2, mask_interval=1)
+            Pruner(net, target_rank=bad, total_steps=10, init_warmup=1, final_warmup=2,
+                   mask_interval=1)
 
 
 def json_safe(value):
@@ -1021,8 +1122,9 @@ def json_safe(value):
 
 
 def test_a_final_warmup_of_at_most_one_step_still_ends_at_b_T():
-    """With t_f ≤ 1 the final phase (t > T − t_f) never comes within steps 0 … T − 1, and a last step off the masking
-    interval left the run above b_T: Pruner(T=10, t_i=0, t_f=1, mask_interval=5) kept 17 of 32 where budget(9) says
+    """With t_f ≤ 1 the final phase (t > T − t_f) never comes within steps 0 … T − 1, and a last
+    step off the masking interval left the run above b_T:
+    Pruner(T=10, t_i=0, t_f=1, mask_interval=5) kept 17 of 32 where budget(9) says
     8 · 1 + ... = b_T. The last step now masks at b(T − 1)."""
     for t_f, mask_interval in ((1, 5), (0, 4), (1, 1)):
         net = make_net(r=4, k=3)
@@ -1030,19 +1132,23 @@ def test_a_final_warmup_of_at_most_one_step_still_ends_at_b_T():
                         mask_interval=mask_interval)
         train(net, pruner, 10)
         kept = sum(map(sum, lora2.rank_pattern(net).values()))
-        assert kept == pruner.budget(9) == sum(m.rank for m in lora2.lora2_modules(net).values()), t_f
+        assert (kept == pruner.budget(9)
+                == sum(m.rank for m in lora2.lora2_modules(net).values())), t_f
         if t_f == 1:
             assert kept == pruner.bT == 8
 
 
 def test_step_must_increase():
-    """Issue 10.6: Pruner.step accepted decreasing steps, so after the final phase the rank regrew."""
+    """Issue 10.6: Pruner.step accepted decreasing steps, so after the final phase the
+    rank regrew."""
     net = make_net(r=4, k=3)
-    pruner = Pruner(net, target_rank=1, total_steps=12, init_warmup=2, final_warmup=4, mask_interval=1)
+    pruner = Pruner(net, target_rank=1, total_steps=12, init_warmup=2, final_warmup=4,
+                    mask_interval=1)
     train(net, pruner, 12)
     assert sum(m.rank for m in lora2.lora2_modules(net).values()) == 8
     for t in (3, 11):
-        with pytest.raises(ValueError, match=rf"Pruner.step\({t}\): steps must increase; the last one was 11"):
+        with pytest.raises(ValueError,
+                           match=rf"Pruner.step\({t}\): steps must increase; the last one was 11"):
             pruner.step(t)
     assert sum(m.rank for m in lora2.lora2_modules(net).values()) == 8
     with pytest.raises(ValueError, match="global_step must be an integer >= 0"):
@@ -1050,18 +1156,22 @@ def test_step_must_increase():
 
 
 def test_pruner_follows_a_dtype_change():
-    """Issue 10.6: model.half() after the Pruner was built crashed in the EMA update. Ī and Ū stay fp32."""
+    """Issue 10.6: model.half() after the Pruner was built crashed in the EMA update. Ī and Ū
+    stay fp32."""
     net = make_net(r=4, k=3)
     randomise(net)
-    pruner = Pruner(net, target_rank=1, total_steps=12, init_warmup=0, final_warmup=4, mask_interval=1)
+    pruner = Pruner(net, target_rank=1, total_steps=12, init_warmup=0, final_warmup=4,
+                    mask_interval=1)
     net.half()
     g = torch.Generator().manual_seed(0)
     for p in net.parameters():
         p.grad = torch.randn(p.shape, generator=g).half() if p.requires_grad else None
     lam = net.layers[0].query.lambda_
-    expected = (1 - pruner.beta1) * (lam.float() * lam.grad.float()).abs()  # Ī after one update, fp32
+    # Ī after one update, fp32
+    expected = (1 - pruner.beta1) * (lam.float() * lam.grad.float()).abs()
     pruner.step(1)  # scores, then keeps b(1) of the 32 λ
-    assert lam.dtype == torch.float16 and pruner.Ibar["layers.0.query"]["lambda_"].dtype == torch.float32
+    assert (lam.dtype == torch.float16
+            and pruner.Ibar["layers.0.query"]["lambda_"].dtype == torch.float32)
     torch.testing.assert_close(pruner.Ibar["layers.0.query"]["lambda_"], expected)
     assert sum(m.rank for m in lora2.lora2_modules(net).values()) == pruner.budget(1)
 
@@ -1075,26 +1185,31 @@ def test_pruner_load_state_dict_validates_the_state():
     state = pruner.state_dict()
     fresh = Pruner(make_net(r=4, k=3), **kw)
     with pytest.raises(ValueError, match="shape"):
-        fresh.load_state_dict(map_tensors(state, lambda t: t[:1]))  # every tensor truncated to its first row
+        # every tensor truncated to its first row
+        fresh.load_state_dict(map_tensors(state, lambda t: t[:1]))
     state["Ibar"].pop("layers.1.down")
     with pytest.raises(ValueError, match=r"'Ibar' must hold the layers"):
         fresh.load_state_dict(state)
 
 
 def test_compiles_without_graph_breaks_or_recompiles():
-    """Issue 11: the forward (the Pruner's pre-hook active, training mode), the regulariser and the Pruner's scoring
-    each compile to one graph, checked with torch._dynamo.explain (its backend needs no compiler); calling the compiled
-    model again does not recompile (a Python counter in the pre-hook did, at every call)."""
+    """Issue 11: the forward (the Pruner's pre-hook active, training mode), the regulariser and the
+    Pruner's scoring each compile to one graph, checked with torch._dynamo.explain (its backend
+    needs no compiler); calling the compiled model again does not recompile (a Python counter in the
+    pre-hook did, at every call)."""
     net = make_net()
     randomise(net)
-    pruner = Pruner(net, target_rank=1, total_steps=20, init_warmup=2, final_warmup=4, mask_interval=2)
-    model = nn.Sequential(net).train()  # compiled from outside, so the pre-hook on `net` is traced inline
+    pruner = Pruner(net, target_rank=1, total_steps=20, init_warmup=2, final_warmup=4,
+                    mask_interval=2)
+    # compiled from outside, so the pre-hook on `net` is traced inline
+    model = nn.Sequential(net).train()
     x = torch.randn(2, 5, 12)
 
     def one_graph(fn, *args):
         torch._dynamo.reset()
         explained = torch._dynamo.explain(fn)(*args)
-        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+        assert (explained.graph_count == 1
+                and explained.graph_break_count == 0), explained.break_reasons
 
     try:
         one_graph(model, x)
@@ -1111,7 +1226,7 @@ def test_compiles_without_graph_breaks_or_recompiles():
         torch._dynamo.reset()
 
 
-# ---------------------------------------------------------------------------------------------------------------- §6, state
+# ---------------------------------------------------------------------------------------- §6, state
 
 def test_to_lora_reproduces_delta_weight():
     net = make_net(r=4, k=3)
@@ -1123,8 +1238,10 @@ def test_to_lora_reproduces_delta_weight():
         # mods[2:]: r' = 4 > k = 3
     for (name, (B, A)), m in zip(lora2.to_lora(net).items(), mods):
         assert B.shape[1] == A.shape[0] == min(m.k, m.rank)
-        scale = dense_delta(m).abs().max().item() + 1e-30  # fp32 products against a float64 reference
-        torch.testing.assert_close((B.double() @ A.double()), dense_delta(m), rtol=0, atol=1e-6 * scale)
+        # fp32 products against a float64 reference
+        scale = dense_delta(m).abs().max().item() + 1e-30
+        torch.testing.assert_close((B.double() @ A.double()), dense_delta(m), rtol=0,
+                                   atol=1e-6 * scale)
         torch.testing.assert_close(B @ A, m.delta_weight(), rtol=0, atol=1e-6 * scale)
 
 
@@ -1148,14 +1265,16 @@ def test_adapter_state_round_trip_including_rank_zero():
     assert torch.equal(fresh(x), net(x))
     assert fresh.layers[0].up.rank == 0 and fresh.layers[1].query.rank == 1
     other = make_net(r=2, k=3)
-    with pytest.raises(ValueError, match=r"layers\.0\.query\.Q_inner has shape \(2, 3\), the saved one \(4, 3\)"):
+    with pytest.raises(ValueError, match=r"layers\.0\.query\.Q_inner has shape \(2, 3\), "
+                                         r"the saved one \(4, 3\)"):
         lora2.load_adapter_state_dict(other, state)
     with pytest.raises(ValueError, match="missing"):
         lora2.load_adapter_state_dict(fresh, {k: v for k, v in state.items() if "down" not in k})
 
 
 def test_resume_is_bit_identical():
-    """Stop after 9 of 24 steps, save adapter + head + optimiser + pruner state, resume in a new model."""
+    """Stop after 9 of 24 steps, save adapter + head + optimiser + pruner state, resume in a
+    new model."""
     T = 24
     kw = dict(target_rank=1, total_steps=T, init_warmup=3, final_warmup=6, mask_interval=2)
     net = make_net(r=4, k=3)
@@ -1168,7 +1287,8 @@ def test_resume_is_bit_identical():
     saved = dict(adapter=lora2.adapter_state_dict(first), head=first.classifier.state_dict(),
                  opt=opt.state_dict(), pruner=first_pruner.state_dict())
 
-    resumed = make_net(r=4, k=3, seed=7)  # different adapter init: everything must come from the state
+    # different adapter init: everything must come from the state
+    resumed = make_net(r=4, k=3, seed=7)
     for a, b in zip(resumed.modules(), first.modules()):
         if isinstance(a, LoRA2Linear):
             a.base.load_state_dict(b.base.state_dict())
@@ -1181,22 +1301,27 @@ def test_resume_is_bit_identical():
     train(resumed, resumed_pruner, T, start=9, opt=opt2)
 
     assert lora2.rank_pattern(resumed) == lora2.rank_pattern(net)
-    for (ka, a), (kb, b) in zip(lora2.adapter_state_dict(resumed).items(), lora2.adapter_state_dict(net).items()):
+    for (ka, a), (kb, b) in zip(lora2.adapter_state_dict(resumed).items(),
+                                lora2.adapter_state_dict(net).items()):
         assert ka == kb and torch.equal(a, b), ka
     for key in ("Ibar", "Ubar"):
         for name, scores in pruner.state_dict()[key].items():
-            assert all(torch.equal(resumed_pruner.state_dict()[key][name][kind], t) for kind, t in scores.items())
+            assert all(torch.equal(resumed_pruner.state_dict()[key][name][kind], t)
+                       for kind, t in scores.items())
     with pytest.raises(ValueError, match="state was saved for"):
         Pruner(resumed, **{**kw, "target_rank": 2}).load_state_dict(saved["pruner"])
 
 
 def test_pruner_follows_the_model_to_another_device():
-    """Built before model.to(device) (a common order): its scores move with the layers at the next step."""
+    """Built before model.to(device) (a common order): its scores move with the layers at the
+    next step."""
     net = make_net(r=4, k=3)
-    pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=0, final_warmup=2, mask_interval=1)
+    pruner = Pruner(net, target_rank=2, total_steps=10, init_warmup=0, final_warmup=2,
+                    mask_interval=1)
     net.to("meta")  # the only other device in a CPU-only run; it has shapes and kernels but no data
     for p in net.parameters():
         p.grad = torch.zeros_like(p) if p.requires_grad else None
     pruner.step(1)
     assert all(m.lambda_mask.device.type == "meta" for m in lora2.lora2_modules(net).values())
-    assert all(t.device.type == "meta" for d in (*pruner.Ibar.values(), *pruner.Ubar.values()) for t in d.values())
+    assert all(t.device.type == "meta"
+               for d in (*pruner.Ibar.values(), *pruner.Ubar.values()) for t in d.values())

@@ -21,7 +21,8 @@ import compiled
 import lora2
 import rundir
 import train_glue as tg
-from test_train_glue import WORDS, synthetic_sst2, tiny_config, duck_shapes  # noqa: F401 (a fixture)
+from test_train_glue import (WORDS, synthetic_sst2, tiny_config,  # noqa: F401 (a fixture)
+                             duck_shapes)
 
 T = pytest.importorskip("transformers")
 SIX = ("attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o",

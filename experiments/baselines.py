@@ -2,20 +2,21 @@
 fine-tuning.
 
     python experiments/baselines.py --method lora      # PEFT LoRA of rank --r on LoRA²'s matrices
-    python experiments/baselines.py --method adalora   # PEFT AdaLoRA at LoRA²'s budget, schedule (L7)
+    python experiments/baselines.py --method adalora   # PEFT AdaLoRA at LoRA²'s budget,
+                                                         schedule (L7)
     python experiments/baselines.py --method full --lr 5e-5                 # every weight trains
     python experiments/baselines.py --method lora --eval_only --load runs/sst2-lora-s0/adapter.pt
 
-Every train_glue.py flag works here, with the same meaning and defaults (--preset paper, --save_every
-/ --resume, --export_peft as PEFT's save_pretrained, torchrun); the LoRA²-only ones (--k, --init,
---cross, --scored) change nothing. The run goes to runs/<task>-<method>-s<seed> and its metrics.json
-carries "method". Each method is a class with the members of train_glue.LoRA2, which
-train_glue.train runs in its loop, each step in SPEC §4's order:
+Every train_glue.py flag works here, with the same meaning and defaults (--preset paper,
+--save_every / --resume, --export_peft as PEFT's save_pretrained, torchrun); the LoRA²-only ones
+(--k, --init, --cross, --scored) change nothing. The run goes to runs/<task>-<method>-s<seed> and
+its metrics.json carries "method". Each method is a class with the members of train_glue.LoRA2,
+which train_glue.train runs in its loop, each step in SPEC §4's order:
     forward → loss = task (+ γ·R, AdaLoRA's regulariser) → backward → clip → optimizer.step
     → scheduler.step → pruner.step(t) (AdaLoRA's update_and_allocate(t)) → zero_grad
-The best checkpoint is the best evaluation at AdaLoRA's final budget; LoRA and full fine-tuning prune
-nothing, so any evaluation may be it. Not here: LoRA² (train_glue.py, lora2.py), the grid of runs
-(study.py); --export_peft for full fine-tuning (there is no adapter to export).
+The best checkpoint is the best evaluation at AdaLoRA's final budget; LoRA and full fine-tuning
+prune nothing, so any evaluation may be it. Not here: LoRA² (train_glue.py, lora2.py), the grid of
+runs (study.py); --export_peft for full fine-tuning (there is no adapter to export).
 """
 import sys
 from dataclasses import dataclass
@@ -250,7 +251,8 @@ def main(argv=None):
             rundir.evaluate_saved(cfg, METHODS[cfg.method])
         else:
             train(cfg)
-    except (ValueError, ImportError, OSError) as e:  # user mistakes, bad files, full disks: one line
+    except (ValueError, ImportError, OSError) as e:
+        # user mistakes, bad files, full disks: one line
         sys.exit(f"baselines.py: error: {' '.join(str(e).split())}")
 
 

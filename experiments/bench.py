@@ -1,31 +1,40 @@
-"""What LoRA² costs per step: the whole training step eager and compiled, one layer, merged layers, end to end.
+"""What LoRA² costs per step: the whole training step eager and compiled, one layer, merged \
+layers, end to end.
 
 Settings (pick with --only; each prints markdown tables):
-  step    the whole training step exactly as train_glue.py runs it, for LoRA² (+ γ·R + Pruner.step), the minimal
-          LoRA r=8 (ReferenceLoRA below) and PEFT LoRA r=8, on bert.py's BERT with the packaged MiniLM's shape at
-          32 × 64 tokens and BERT-base's at 32 × 128 (random weights). CUDA: bf16 autocast, eager and compiled
-          (compiled.py: the blocks through torch.compile, the step replayed from CUDA graphs), plus LoRA² as
-          CUDA graphs of its eager kernels (backend none). CPU: eager, fp32 (train_glue.py's arithmetic before
-          --precision) and bf16 autocast (its default on CPUs with bf16 instructions).
-          Per step: wall ms (device synchronised before and after), GPU kernel ms, host launches (kernels, graphs,
-          copies) and GPU kernels (torch.profiler over 10 steps, one of them masking), host synchronisations, and
-          the time to build the row and run its first steps (compiling, capturing).
-  e2e     train_glue.py end to end on SST-2: its default run and a 600-step run, eager and compiled: process wall,
-          sustained steps/s, warm-up, dev accuracy.
-  layer   one adapted layer, forward + backward (input requires grad, frozen base): LoRA2Linear | PEFT's LoRA
-          Linear | the minimal reference LoRA | the authors' formulation (their dense ΔW, AuthorsLoRA2 below).
-          CUDA: bf16 autocast, d_in = d_out = 4096 with 16,384 tokens and 768 with 4,096. CPU: fp32, 768 with 2,048.
+  step    the whole training step exactly as train_glue.py runs it, for LoRA² (+ γ·R + Pruner.step),
+          the minimal LoRA r=8 (ReferenceLoRA below) and PEFT LoRA r=8, on bert.py's BERT with the
+          packaged MiniLM's shape at 32 × 64 tokens and BERT-base's at 32 × 128 (random weights).
+          CUDA: bf16 autocast, eager and compiled (compiled.py: the blocks through torch.compile,
+          the step replayed from CUDA graphs), plus LoRA² as CUDA graphs of its eager kernels
+          (backend none). CPU: eager, fp32 (train_glue.py's arithmetic before --precision) and bf16
+          autocast (its default on CPUs with bf16 instructions).
+          Per step: wall ms (device synchronised before and after), GPU kernel ms, host launches
+          (kernels, graphs, copies) and GPU kernels (torch.profiler over 10 steps, one of them
+          masking), host synchronisations, and the time to build the row and run its first steps
+          (compiling, capturing).
+  e2e     train_glue.py end to end on SST-2: its default run and a 600-step run, eager and compiled:
+          process wall, sustained steps/s, warm-up, dev accuracy.
+  layer   one adapted layer, forward + backward (input requires grad, frozen base): LoRA2Linear |
+          PEFT's LoRA Linear | the minimal reference LoRA | the authors' formulation (their dense
+          ΔW, AuthorsLoRA2 below). CUDA: bf16 autocast, d_in = d_out = 4096 with 16,384 tokens and
+          768 with 4,096. CPU: fp32, 768 with 2,048.
   merged  merged LoRA2Linear (after .merge()) against the bare nn.Linear, inference under no_grad.
 
-Timing: medians after warm-up; on CUDA with CUDA events, the device synchronised after each timed run. Variants stay
-resident and are timed in interleaved rounds, so a host that speeds up or slows down hits all of them alike.
-Memory (CUDA only, layer setting): torch.cuda.max_memory_allocated; "extra" is the peak minus what was allocated
-before the call.
+Timing: medians after warm-up; on CUDA with CUDA events, the device synchronised after each timed
+run. Variants stay resident and are timed in interleaved rounds, so a host that speeds up or slows
+down hits all of them alike.
+Memory (CUDA only, layer setting): torch.cuda.max_memory_allocated; "extra" is the peak minus what
+was allocated before the call.
 
-    python3 experiments/bench.py --only step,e2e --json experiments/bench-h200.json   # on the GPU machine
-    python experiments/bench.py --device cpu --json experiments/bench-cpu.json         # layer, merged, step
-    python experiments/bench.py --report        # experiments/BENCHMARKS.md from the committed bench-*.json
-    python experiments/bench.py --quick --only step --device cpu                        # a smoke run, tiny shapes
+    python3 experiments/bench.py --only step,e2e --json experiments/bench-h200.json
+        # on the GPU machine
+    python experiments/bench.py --device cpu --json experiments/bench-cpu.json
+        # layer, merged, step
+    python experiments/bench.py --report
+        # experiments/BENCHMARKS.md from the committed bench-*.json
+    python experiments/bench.py --quick --only step --device cpu
+        # a smoke run, tiny shapes
 """
 import argparse
 import copy
@@ -57,7 +66,8 @@ SETTINGS = ("step", "e2e", "layer", "merged")
 
 @dataclass
 class BenchConfig:
-    step_warmup: int = 6  # steps of each row before timing (compiled: compiles, 2 eager steps, the capture)
+    step_warmup: int = 6  # steps of each row before timing (compiled: compiles, 2 eager steps,
+                          # the capture)
     step_rounds: int = 30  # timed rounds (median); a round steps every row once
     layer_shapes: tuple = ((4096, 16384), (768, 4096))  # (d, tokens)
     layer_warmup: int = 3  # rounds before timing
@@ -70,8 +80,8 @@ class BenchConfig:
 
 def config_for(device, quick):
     if device.type == "cpu":
-        cfg = BenchConfig(layer_shapes=((768, 2048),), layer_warmup=3, layer_reps=21, inner=1, step_warmup=3,
-                          step_rounds=10)
+        cfg = BenchConfig(layer_shapes=((768, 2048),), layer_warmup=3, layer_reps=21, inner=1,
+                          step_warmup=3, step_rounds=10)
     else:
         cfg = BenchConfig()
     if quick:
@@ -80,7 +90,7 @@ def config_for(device, quick):
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # measuring
 
 
@@ -90,7 +100,8 @@ def sync(device):
 
 
 def time_once(fn, device):
-    """Milliseconds of one call of fn, the device idle before and after (CUDA events, else the host clock)."""
+    """Milliseconds of one call of fn, the device idle before and after (CUDA events, else the host
+    clock)."""
     sync(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -105,8 +116,9 @@ def time_once(fn, device):
 
 
 def interleaved_medians(fns, device, warmup, reps, inner=1):
-    """{name: median ms per call} over `reps` rounds after `warmup` rounds; a round times one block of `inner`
-    back-to-back calls of every fn in turn, so that drifting load (a shared CPU, clocks) hits all of them alike."""
+    """{name: median ms per call} over `reps` rounds after `warmup` rounds; a round times one block
+    of `inner` back-to-back calls of every fn in turn, so that drifting load (a shared CPU, clocks)
+    hits all of them alike."""
     times = {name: [] for name in fns}
     for rnd in range(warmup + reps):
         for name, fn in fns.items():
@@ -130,8 +142,8 @@ def peak_memory(fn, device):
 
 
 def count_syncs(fn, device):
-    """(number of host-device synchronisations fn makes, their call sites "file:line"), from torch.cuda's sync
-    debug mode; (None, []) off CUDA."""
+    """(number of host-device synchronisations fn makes, their call sites "file:line"), from
+    torch.cuda's sync debug mode; (None, []) off CUDA."""
     if device.type != "cuda":
         return None, []
     sites = []
@@ -193,7 +205,7 @@ def optional(name):
         return None, f"{name} not installed ({e})"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # one layer: the two re-implemented baselines
 
 
@@ -203,8 +215,10 @@ class ReferenceLoRA(nn.Module):
     def __init__(self, base, r=8, alpha=16):
         super().__init__()
         self.base = base.requires_grad_(False)
-        self.A = nn.Parameter(torch.randn(r, base.in_features, device=base.weight.device) / math.sqrt(base.in_features))
-        self.B = nn.Parameter(torch.randn(base.out_features, r, device=base.weight.device) * 0.02)  # not 0: no zeros timed
+        self.A = nn.Parameter(torch.randn(r, base.in_features, device=base.weight.device)
+                              / math.sqrt(base.in_features))
+        self.B = nn.Parameter(torch.randn(base.out_features, r, device=base.weight.device)
+                              * 0.02)  # not 0: no zeros timed
         self.scaling = alpha / r
 
     def forward(self, x):  # (..., d_in) -> (..., d_out)
@@ -213,17 +227,20 @@ class ReferenceLoRA(nn.Module):
 
 class AuthorsLoRA2(nn.Module):
     """The authors' forward (SPEC §1, §7; their SVDLinear.forward): the dense d_in × d_out update
-    Q_outerᵀ Q_innerᵀ diag(λ) P_innerᵀ P_outerᵀ is built in every call, then h = W₀x + b + x · ΔWᵀ · α / (r + 1e-5)."""
+    Q_outerᵀ Q_innerᵀ diag(λ) P_innerᵀ P_outerᵀ is built in every call, then
+    h = W₀x + b + x · ΔWᵀ · α / (r + 1e-5)."""
 
     def __init__(self, base, r=8, k=8, alpha=16):
         super().__init__()
         self.base = base.requires_grad_(False)
         dev = base.weight.device
-        self.Q_outer = nn.Parameter(torch.randn(k, base.in_features, device=dev) * 0.02)  # (k, d_in)   lora_A
-        self.Q_inner = nn.Parameter(torch.randn(r, k, device=dev) * 0.02)  # (r, k)                     lora_B
-        self.lambda_ = nn.Parameter(torch.randn(r, device=dev) * 0.1)  # (r,)                           lora_E
-        self.P_inner = nn.Parameter(torch.randn(k, r, device=dev) * 0.02)  # (k, r)                     lora_aa
-        self.P_outer = nn.Parameter(torch.randn(base.out_features, k, device=dev) * 0.02)  # (d_out, k) lora_bb
+        self.Q_outer = nn.Parameter(torch.randn(k, base.in_features, device=dev)
+                                    * 0.02)  # (k, d_in)                             lora_A
+        self.Q_inner = nn.Parameter(torch.randn(r, k, device=dev) * 0.02)  # (r, k)  lora_B
+        self.lambda_ = nn.Parameter(torch.randn(r, device=dev) * 0.1)  # (r,)        lora_E
+        self.P_inner = nn.Parameter(torch.randn(k, r, device=dev) * 0.02)  # (k, r)  lora_aa
+        self.P_outer = nn.Parameter(torch.randn(base.out_features, k, device=dev)
+                                    * 0.02)  # (d_out, k)                            lora_bb
         self.register_buffer("ranknum", torch.full((1,), float(r), device=dev))
         self.alpha = alpha
 
@@ -242,7 +259,8 @@ def peft_lora_linear(base, r, alpha):
 
     holder = nn.Module()
     holder.lin = base
-    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["lin"]), holder)
+    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
+                                       target_modules=["lin"]), holder)
     layer = holder.lin
     nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
     layer.base_layer.requires_grad_(False)
@@ -267,7 +285,8 @@ def layer_variants(d, device, cfg, peft_missing):
 
 @torch.no_grad()
 def check_layers(variants, device):
-    """fp32 agreement of the re-implementations with the library layers on the same parameters (rel. error)."""
+    """fp32 agreement of the re-implementations with the library layers on the same parameters
+    (rel. error)."""
     mine, authors = variants["LoRA2Linear k=r=8"], variants["authors' dense ΔW"]
     for name in ("Q_outer", "Q_inner", "lambda_", "P_inner", "P_outer"):
         getattr(authors, name).copy_(getattr(mine, name))
@@ -275,8 +294,8 @@ def check_layers(variants, device):
     checks = {}
     ref = mine(x)
     checks["authors' dense ΔW vs LoRA2Linear"] = ((authors(x) - ref).norm() / ref.norm()).item()
-    checks["LoRA2Linear vs base + delta_weight()"] = ((mine.base(x) + x @ mine.delta_weight().T - ref).norm()
-                                                      / ref.norm()).item()
+    checks["LoRA2Linear vs base + delta_weight()"] = ((mine.base(x) + x @ mine.delta_weight().T
+                                                       - ref).norm() / ref.norm()).item()
     if "PEFT LoRA r=8" in variants:
         peft_layer, reference = variants["PEFT LoRA r=8"], variants["reference LoRA r=8"]
         reference.A.copy_(peft_layer.lora_A["default"].weight)
@@ -340,7 +359,8 @@ def bench_merged(device, cfg, args):
             mine.merge()
             err = ((mine(probe) - want).norm() / want.norm()).item()
         if not err < 1e-4:
-            raise ValueError(f"check failed: merged vs unmerged LoRA2Linear: relative error {err:.3g}")
+            raise ValueError(f"check failed: merged vs unmerged LoRA2Linear: relative error "
+                             f"{err:.3g}")
         act_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         x = torch.randn(tokens, d, device=device, dtype=act_dtype)
 
@@ -350,8 +370,9 @@ def bench_merged(device, cfg, args):
                     module(x)
             return call
 
-        medians = interleaved_medians({"bare nn.Linear": infer(base), "merged LoRA2Linear": infer(mine)}, device,
-                                      cfg.layer_warmup, cfg.layer_reps, cfg.inner)
+        medians = interleaved_medians({"bare nn.Linear": infer(base),
+                                       "merged LoRA2Linear": infer(mine)},
+                                      device, cfg.layer_warmup, cfg.layer_reps, cfg.inner)
         rows = {name: dict(ms=ms) for name, ms in medians.items()}
         results.append(dict(d=d, tokens=tokens, rows=rows, check_merged_vs_unmerged=err))
         del base, mine, x
@@ -359,22 +380,24 @@ def bench_merged(device, cfg, args):
     return results
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the whole training step as train_glue.py runs it, eager and compiled (issue 11)
 
-STEP_NAMES = {"lora2": "LoRA² k=r=8 + γ·R + Pruner", "reference_lora": "minimal LoRA r=8", "peft_lora": "PEFT LoRA r=8"}
-LAUNCH_APIS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
-               "cudaMemcpyAsync", "cudaMemsetAsync")
+STEP_NAMES = {"lora2": "LoRA² k=r=8 + γ·R + Pruner", "reference_lora": "minimal LoRA r=8",
+              "peft_lora": "PEFT LoRA r=8"}
+LAUNCH_APIS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+               "cudaGraphLaunch", "cudaMemcpyAsync", "cudaMemsetAsync")
 
 
 def step_shapes(args):
-    """{label: (bert.BertConfig, batch, tokens)}: the packaged MiniLM (its config.json; random weights) at 32 × 64 and
-    BERT-base at 32 × 128; --quick: a 2-layer, 32-wide BERT at 4 × 16."""
+    """{label: (bert.BertConfig, batch, tokens)}: the packaged MiniLM (its config.json; random
+    weights) at 32 × 64 and BERT-base at 32 × 128; --quick: a 2-layer, 32-wide BERT at 4 × 16."""
     if args.quick:
         return {"tiny 4×16": (bert.tiny_config(vocab_size=1000), 4, 16)}
     shapes = {}
     if "minilm" in args.shapes.split(","):
-        minilm = bert.BertConfig.from_json(Path(args.model_dir or bert.default_model_dir()) / "config.json")
+        minilm = bert.BertConfig.from_json(Path(args.model_dir or bert.default_model_dir())
+                                           / "config.json")
         shapes["MiniLM 32×64"] = (minilm, 32, 64)
     if "bert-base" in args.shapes.split(","):
         shapes["BERT-base 32×128"] = (bert.BertConfig(), 32, 128)
@@ -382,10 +405,12 @@ def step_shapes(args):
 
 
 def minimal_lora(model, r, alpha, targets):
-    """ReferenceLoRA on the target matrices of `model`, the rest frozen but the head (lora2.HEAD)."""
+    """ReferenceLoRA on the target matrices of `model`, the rest frozen but the head
+    (lora2.HEAD)."""
     model.requires_grad_(False)
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t)
+                                                 for t in targets):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, ReferenceLoRA(module, r, alpha))
     for name, p in model.named_parameters():
@@ -394,12 +419,13 @@ def minimal_lora(model, r, alpha, targets):
 
 
 class TrainStep:
-    """One row of the step setting: bert.py's classifier (random weights) with `kind` on the six matrices of every
-    layer, stepped as train_glue.py steps: forward, loss + γ·R, backward, clip, AdamW (fused), the linear schedule,
-    for LoRA² Pruner.step (scoring every step, masking every 10th: t_i = 0, cubic phase), zero_grad; in `precision`
-    (bf16 autocast or fp32, train_glue's --precision). backend None: eager; else through compiled.py (the blocks
-    through torch.compile with `backend`, "none" for no torch.compile, and on CUDA the step replayed from a CUDA
-    graph), exactly as train_glue.py --compile."""
+    """One row of the step setting: bert.py's classifier (random weights) with `kind` on the six
+    matrices of every layer, stepped as train_glue.py steps: forward, loss + γ·R, backward, clip,
+    AdamW (fused), the linear schedule, for LoRA² Pruner.step (scoring every step, masking every
+    10th: t_i = 0, cubic phase), zero_grad; in `precision` (bf16 autocast or fp32, train_glue's
+    --precision). backend None: eager; else through compiled.py (the blocks through torch.compile
+    with `backend`, "none" for no torch.compile, and on CUDA the step replayed from a CUDA graph),
+    exactly as train_glue.py --compile."""
 
     def __init__(self, kind, config, device, backend=None, precision="bf16"):
         import compiled
@@ -408,9 +434,10 @@ class TrainStep:
         import train_glue
 
         torch.manual_seed(0)
-        cfg = train_glue.Config(r=8, k=8, alpha=16, target_rank=4, steps=10_000, init_warmup=0.0, final_warmup=0.3,
-                                mask_interval=10, gamma=0.1, lr=1e-4, compile=backend is not None,
-                                compile_backend=backend or "none", device=device.type, precision=precision)
+        cfg = train_glue.Config(r=8, k=8, alpha=16, target_rank=4, steps=10_000, init_warmup=0.0,
+                                final_warmup=0.3, mask_interval=10, gamma=0.1, lr=1e-4,
+                                compile=backend is not None, compile_backend=backend or "none",
+                                device=device.type, precision=precision)
         model = bert.BertForSequenceClassification(config, 2)
         self.pruner = None
         if kind == "lora2":
@@ -418,7 +445,8 @@ class TrainStep:
         elif kind == "peft_lora":
             from peft import LoraConfig, get_peft_model
 
-            model = get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0,
+            model = get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha,
+                                                     lora_dropout=0.0,
                                                      target_modules=list(bert.TARGETS)))
             for name, p in model.named_parameters():
                 if set(name.split(".")) & set(lora2.HEAD):
@@ -432,14 +460,16 @@ class TrainStep:
         self.kind, self.backend, self.precision, self.t = kind, backend, precision, 1
         self.model = model = model.to(device).train()
         if kind == "lora2":
-            self.pruner = lora2.Pruner(model, cfg.target_rank, cfg.steps, 0, round(cfg.final_warmup * cfg.steps),
-                                       cfg.mask_interval)
-        self.optimizer, self.scheduler, self.params = rundir.adamw(model, cfg.lr, cfg.weight_decay, cfg.warmup,
-                                                                   cfg.steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda t: min(1.0, (t + 1) / 600))
+            self.pruner = lora2.Pruner(model, cfg.target_rank, cfg.steps, 0,
+                                       round(cfg.final_warmup * cfg.steps), cfg.mask_interval)
+        self.optimizer, self.scheduler, self.params = rundir.adamw(model, cfg.lr, cfg.weight_decay,
+                                                                   cfg.warmup, cfg.steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda t: min(1.0, (t + 1) / 600))
 
         def device_step(batch, labels):  # train_glue.py's, line for line
-            with phase("forward"), compiled.autocast(device, precision):  # phase: the CPU profile's labels
+            with phase("forward"), compiled.autocast(device, precision):  # phase: the CPU profile's
+                                                                          # labels
                 logits = bert.logits(self.model(**batch))
             loss_task = glue.task_loss(logits, labels)
             with phase("regulariser"):
@@ -453,7 +483,8 @@ class TrainStep:
                 self.optimizer.step()
             return loss_task.detach(), reg.detach()
 
-        self.run = device_step if backend is None else compiled.step(device_step, model, self.optimizer,
+        self.run = device_step if backend is None else compiled.step(device_step, model,
+                                                                     self.optimizer,
                                                                      cfg.compile_backend)
 
     def step(self, batch, labels):
@@ -475,9 +506,10 @@ def phase(name):
 
 
 def profile_steps(fn, device, n):
-    """Per step, over n calls of fn under torch.profiler. CUDA: host launches (kernels, graphs, copies), device
-    events and their total ms, and {kernel name: (count, us)} for the breakdown. CPU: ms per phase of the step
-    (PHASES) and {operator: (count, self ms)} of the 15 costliest operators."""
+    """Per step, over n calls of fn under torch.profiler. CUDA: host launches (kernels, graphs,
+    copies), device events and their total ms, and {kernel name: (count, us)} for the breakdown.
+    CPU: ms per phase of the step (PHASES) and {operator: (count, self ms)} of the 15 costliest
+    operators."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -498,7 +530,8 @@ def profile_steps(fn, device, n):
             fn()
         sync(device)
     events = prof.events()
-    on_gpu = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    on_gpu = [e for e in events
+              if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     launches = sum(1 for e in events if e.device_type == DeviceType.CPU and e.name in LAUNCH_APIS)
     by_name = {}
     for e in on_gpu:
@@ -506,32 +539,38 @@ def profile_steps(fn, device, n):
         by_name[e.name] = (count + 1, us + e.time_range.elapsed_us())
     return dict(launches=launches / n, gpu_events=len(on_gpu) / n,
                 kernel_ms=sum(us for _, us in by_name.values()) / n / 1e3,
-                top={k: (c / n, us / n) for k, (c, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]})
+                top={k: (c / n, us / n)
+                     for k, (c, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]})
 
 
 def kernel_class(name):
     """A coarse class of a GPU kernel, for where the time goes."""
     low = name.lower()
     for cls, keys in (("attention", ("fmha", "attention", "flash", "sdpa")),
-                      ("matmul", ("gemm", "cutlass", "sm90_", "sm80_", "cublas", "xmma", "splitk", "nvjet")),
-                      ("AdamW", ("adam",)), ("copy", ("memcpy", "memset", "copy")), ("fused (inductor)", ("triton",)),
-                      ("reduction", ("reduce", "norm", "sum"))):
+                      ("matmul", ("gemm", "cutlass", "sm90_", "sm80_", "cublas", "xmma", "splitk",
+                                  "nvjet")),
+                      ("AdamW", ("adam",)), ("copy", ("memcpy", "memset", "copy")),
+                      ("fused (inductor)", ("triton",)), ("reduction", ("reduce", "norm", "sum"))):
         if any(k in low for k in keys):
             return cls
     return "elementwise / other"
 
 
 def bench_step(device, cfg, args):
-    """The step setting: for each shape, eager and compiled rows of LoRA², the minimal LoRA and PEFT LoRA (and LoRA²
-    as CUDA graphs of its eager kernels), all resident, timed in interleaved rounds; then launches, GPU time and
-    host syncs per step. --budget_s: compiled rows not built once the setting has run that long (reported)."""
+    """The step setting: for each shape, eager and compiled rows of LoRA², the minimal LoRA and PEFT
+    LoRA (and LoRA² as CUDA graphs of its eager kernels), all resident, timed in interleaved rounds;
+    then launches, GPU time and host syncs per step. --budget_s: compiled rows not built once the
+    setting has run that long (reported)."""
     _, peft_missing = optional("peft")
     kinds = [k for k in STEP_NAMES if not (k == "peft_lora" and peft_missing)]
-    if device.type == "cuda":  # eager and compiled, bf16 autocast (train_glue.py's precision on CUDA)
+    if device.type == "cuda":  # eager and compiled, bf16 autocast (train_glue.py's precision on
+                               # CUDA)
         backend = args.backend or "inductor"
-        plan = [(k, None, "bf16") for k in kinds] + [(k, backend, "bf16") for k in ("lora2", "reference_lora")]
+        plan = [(k, None, "bf16") for k in kinds] + [(k, backend, "bf16")
+                                                     for k in ("lora2", "reference_lora")]
         plan += [("lora2", "none", "bf16")] if backend != "none" else []
-    else:  # the CPU: fp32 (the default before --precision) and bf16 autocast, eager; compiled only if asked
+    else:  # the CPU: fp32 (the default before --precision) and bf16 autocast, eager; compiled only
+           # if asked
         plan = [(k, None, precision) for precision in ("fp32", "bf16") for k in kinds]
         plan += [(k, args.backend, "bf16") for k in kinds] if args.backend else []
     warmup, rounds = cfg.step_warmup, cfg.step_rounds
@@ -539,7 +578,8 @@ def bench_step(device, cfg, args):
     started, results = time.perf_counter(), []
     for label, (config, batch_size, tokens) in step_shapes(args).items():
         torch.manual_seed(2)
-        batch = {"input_ids": torch.randint(1, config.vocab_size, (batch_size, tokens), device=device),
+        batch = {"input_ids": torch.randint(1, config.vocab_size, (batch_size, tokens),
+                                            device=device),
                  "attention_mask": torch.ones(batch_size, tokens, dtype=torch.long, device=device),
                  "token_type_ids": torch.zeros(batch_size, tokens, dtype=torch.long, device=device)}
         labels = torch.randint(0, 2, (batch_size,), device=device)
@@ -557,12 +597,13 @@ def bench_step(device, cfg, args):
                 sync(device)
             except Exception as e:  # a variant that fails is reported, the others still run
                 traceback.print_exc()
-                skipped.append(f"{STEP_NAMES[kind]} ({be or 'eager'}, {precision}): {type(e).__name__}: "
-                               f"{str(e)[:200]}")
+                skipped.append(f"{STEP_NAMES[kind]} ({be or 'eager'}, {precision}): "
+                               f"{type(e).__name__}: {str(e)[:200]}")
                 free(device)
                 continue
-            rows[case.name] = dict(name=case.name, kind=kind, backend=be, precision=precision, times=[],
-                                   warmup_s=time.perf_counter() - t0, trainable=sum(p.numel() for p in case.params))
+            rows[case.name] = dict(name=case.name, kind=kind, backend=be, precision=precision,
+                                   times=[], warmup_s=time.perf_counter() - t0,
+                                   trainable=sum(p.numel() for p in case.params))
             built.append(case)
         log(f"step {label}: {rounds} interleaved rounds")
         for _ in range(rounds):
@@ -572,18 +613,22 @@ def bench_step(device, cfg, args):
         for case in built:
             row = rows[case.name]
             row["syncs"], row["sync_sites"] = count_syncs(lambda: case.step(batch, labels), device)
-            while case.t % 10 != 1:  # compiled: profile 10 steps, one of them masking; eager: 5, none masking
+            while case.t % 10 != 1:  # compiled: profile 10 steps, one of them masking; eager: 5,
+                                     # none masking
                 case.step(batch, labels)
-            n_prof = 2 if args.quick else 3 if device.type == "cpu" else 5 if case.backend is None else 10
+            n_prof = (2 if args.quick else 3 if device.type == "cpu" else 5 if case.backend is None
+                      else 10)
             prof = profile_steps(lambda: case.step(batch, labels), device, n_prof)
             row.update(prof or {})
-            row["step_ms"], row["mean_ms"] = statistics.median(row["times"]), statistics.fmean(row["times"])
-            row["step_q1"], _, row["step_q3"] = statistics.quantiles(row["times"], n=4) if len(row["times"]) > 1 \
-                else (row["step_ms"],) * 3
-        results.append(dict(shape=label, batch=batch_size, tokens=tokens, layers=config.num_hidden_layers,
-                            hidden=config.hidden_size, rows=list(rows.values()), skipped=skipped,
-                            compiler_startup_s=startup))
-        print("\n" + report_step(results[-1:], device), flush=True)  # each shape as soon as it is measured
+            row["step_ms"], row["mean_ms"] = (statistics.median(row["times"]),
+                                              statistics.fmean(row["times"]))
+            row["step_q1"], _, row["step_q3"] = statistics.quantiles(row["times"], n=4) \
+                if len(row["times"]) > 1 else (row["step_ms"],) * 3
+        results.append(dict(shape=label, batch=batch_size, tokens=tokens,
+                            layers=config.num_hidden_layers, hidden=config.hidden_size,
+                            rows=list(rows.values()), skipped=skipped, compiler_startup_s=startup))
+        print("\n" + report_step(results[-1:], device), flush=True)  # each shape as soon as it is
+                                                                     # measured
         if args.json:
             write_atomic(args.json + ".partial", json.dumps(results, indent=1, default=str))
         del built, batch, labels
@@ -593,9 +638,10 @@ def bench_step(device, cfg, args):
 
 
 def warm_compiler(device, plan):
-    """Seconds to compile and run a tiny function forward and backward with each backend of `plan` before any row is
-    built: the compiler's one-time start (imports, worker processes), which would otherwise land on the first
-    compiled row's build + warm-up time; a fresh train_glue.py pays it once (the e2e setting's warm-up includes it)."""
+    """Seconds to compile and run a tiny function forward and backward with each backend of `plan`
+    before any row is built: the compiler's one-time start (imports, worker processes), which would
+    otherwise land on the first compiled row's build + warm-up time; a fresh train_glue.py pays it
+    once (the e2e setting's warm-up includes it)."""
     t0 = time.perf_counter()
     for backend in sorted({be for _, be, _ in plan if be not in (None, "none")}):
         x = torch.randn(64, 64, device=device, requires_grad=True)
@@ -606,37 +652,40 @@ def warm_compiler(device, plan):
 
 
 def bench_e2e(device, cfg, args):
-    """train_glue.py end to end, one subprocess per (run length, mode, seed): its default SST-2 run (the packaged
-    MiniLM or --model_dir, the shipped data) for each of --e2e_steps ("default": its own number of steps), progress
-    every 100 steps. Process wall time (the figure that decides --compile's default), sustained steps/s from the
-    progress lines after the first (each waits for the GPU: it prints the summed loss), warm-up = the time to the
-    first line beyond what its steps take at that rate (compilation, capture), the dev accuracy from metrics.json."""
+    """train_glue.py end to end, one subprocess per (run length, mode, seed): its default SST-2 run
+    (the packaged MiniLM or --model_dir, the shipped data) for each of --e2e_steps ("default": its
+    own number of steps), progress every 100 steps. Process wall time (the figure that decides
+    --compile's default), sustained steps/s from the progress lines after the first (each waits for
+    the GPU: it prints the summed loss), warm-up = the time to the first line beyond what its steps
+    take at that rate (compilation, capture), the dev accuracy from metrics.json."""
     import tempfile
 
     root = Path(__file__).resolve().parent.parent
     runs = []
-    plan = [(steps, mode, int(seed)) for steps in args.e2e_steps.split(",") for mode in args.e2e_modes.split(",")
-            for seed in args.e2e_seeds.split(",")]
+    plan = [(steps, mode, int(seed)) for steps in args.e2e_steps.split(",")
+            for mode in args.e2e_modes.split(",") for seed in args.e2e_seeds.split(",")]
     for steps, mode, seed in plan:
         out = Path(tempfile.mkdtemp(prefix=f"e2e-{steps}-{mode}-s{seed}-"))
-        cmd = [sys.executable, str(root / "train_glue.py"), "--device", device.type, "--seed", str(seed),
-               "--log_every", "100", "--out_dir", str(out), "--no_download",
+        cmd = [sys.executable, str(root / "train_glue.py"), "--device", device.type, "--seed",
+               str(seed), "--log_every", "100", "--out_dir", str(out), "--no_download",
                "--compile" if mode == "compiled" else "--no-compile"]
         cmd += [] if steps == "default" else ["--steps", steps]
         cmd += (["--model", args.model_dir] if args.model_dir else []) + (
             ["--compile_backend", args.backend] if args.backend and mode == "compiled" else [])
         log("e2e: " + " ".join(cmd[1:]))
         t_start, lines = time.perf_counter(), []
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         for line in proc.stdout:
             lines.append((time.perf_counter() - t_start, line.rstrip("\n")))
             print("    " + line.rstrip("\n"), flush=True)
         proc.wait()
         run = dict(steps=steps, mode=mode, seed=seed, returncode=proc.returncode,
                    wall_s=time.perf_counter() - t_start, command="python " + " ".join(cmd[1:]))
-        header = next((t for t, line in lines if " steps (" in line and " on 1×" in line), None)  # the first line
-        progress = [(t, int(line.split()[1].split("/")[0])) for t, line in lines if line.startswith("step ")]
+        header = next((t for t, line in lines
+                       if " steps (" in line and " on 1×" in line), None)  # the first line
+        progress = [(t, int(line.split()[1].split("/")[0])) for t, line in lines
+                    if line.startswith("step ")]
         if len(progress) >= 3 and header is not None:
             (t1, s1), (tn, sn) = progress[0], progress[-1]
             rate = (sn - s1) / (tn - t1)
@@ -645,14 +694,15 @@ def bench_e2e(device, cfg, args):
         metrics = out / "metrics.json"
         if metrics.exists():
             m = json.loads(metrics.read_text())
-            run.update(accuracy=m["main_metric"], best_step=m["best_step"], trained_wall_s=m["wall_s"])
+            run.update(accuracy=m["main_metric"], best_step=m["best_step"],
+                       trained_wall_s=m["wall_s"])
         runs.append(run)
         if args.json:
             write_atomic(args.json + ".partial", json.dumps(runs, indent=1, default=str))
     return runs
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # report
 
 
@@ -673,8 +723,10 @@ def report_layer(results, device):
     out = []
     for res in results:
         rows = res["rows"]
-        ref, peft_row, mine = rows["reference LoRA r=8"], rows.get("PEFT LoRA r=8"), rows["LoRA2Linear k=r=8"]
-        out.append(f"### One layer, forward + backward: d_in = d_out = {res['d']}, {res['tokens']:,} tokens, "
+        ref, peft_row, mine = (rows["reference LoRA r=8"], rows.get("PEFT LoRA r=8"),
+                               rows["LoRA2Linear k=r=8"])
+        out.append(f"### One layer, forward + backward: d_in = d_out = {res['d']}, "
+                   f"{res['tokens']:,} tokens, "
                    f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
         if res.get("note"):
             out.append(f"note: {res['note']}")
@@ -685,17 +737,20 @@ def report_layer(results, device):
                           fmt(mib(r.get("peak")), ".1f"), fmt(mib(r.get("extra")), ".1f"),
                           fmt(ratio(r.get("extra"), ref.get("extra")), ".3f"),
                           fmt(ratio(r.get("extra"), peft_row and peft_row.get("extra")), ".3f")])
-        out.append(markdown(["variant", "ms (median)", "time × ref LoRA", "time × PEFT LoRA", "peak MiB",
-                             "extra MiB", "extra × ref LoRA", "extra × PEFT LoRA"], table))
+        out.append(markdown(["variant", "ms (median)", "time × ref LoRA", "time × PEFT LoRA",
+                             "peak MiB", "extra MiB", "extra × ref LoRA",
+                             "extra × PEFT LoRA"], table))
         limit = 1.05 if res["d"] >= 4096 else 1.25
         for other, r in (("reference LoRA", ref), ("PEFT LoRA", peft_row)):
             if r is None:
                 continue
             out.append(f"- LoRA2Linear time / {other}: {verdict(mine['ms'] / r['ms'], limit)}")
             if device.type == "cuda":
-                out.append(f"- LoRA2Linear extra memory / {other}: {verdict(mine['extra'] / r['extra'], limit)}; "
+                out.append(f"- LoRA2Linear extra memory / {other}: "
+                           f"{verdict(mine['extra'] / r['extra'], limit)}; "
                            f"peak: {mine['peak'] / r['peak']:.3f}")
-        out.append("- checks (fp32 relative error): " + ", ".join(f"{k}: {v:.1e}" for k, v in res["checks"].items()))
+        out.append("- checks (fp32 relative error): "
+                   + ", ".join(f"{k}: {v:.1e}" for k, v in res["checks"].items()))
     return "\n".join(out)
 
 
@@ -704,10 +759,12 @@ def report_merged(results, device):
     for res in results:
         rows = res["rows"]
         base = rows["bare nn.Linear"]["ms"]
-        out.append(f"### Merged LoRA2Linear vs bare nn.Linear, inference (no grad): d = {res['d']}, "
-                   f"{res['tokens']:,} tokens, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
+        out.append(f"### Merged LoRA2Linear vs bare nn.Linear, inference (no grad): "
+                   f"d = {res['d']}, {res['tokens']:,} tokens, "
+                   f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
         out.append(markdown(["variant", "ms (median)", "× bare nn.Linear"],
-                            [[n, fmt(r["ms"], ".4f"), fmt(r["ms"] / base, ".3f")] for n, r in rows.items()]))
+                            [[n, fmt(r["ms"], ".4f"), fmt(r["ms"] / base, ".3f")]
+                             for n, r in rows.items()]))
         out.append(f"- merged / bare: {verdict(rows['merged LoRA2Linear']['ms'] / base, 1.02)}; "
                    f"merged vs unmerged output: rel. error {res['check_merged_vs_unmerged']:.1e}")
     return "\n".join(out)
@@ -718,36 +775,43 @@ def report_step(results, device):
     for res in results:
         rows = res["rows"]
         by = {(r["kind"], r["backend"], r.get("precision", "bf16")): r for r in rows}
-        out.append(f"### Whole training step as train_glue.py runs it: {res['shape']} ({res['layers']} layers × 6 "
-                   f"matrices, hidden {res['hidden']}), {'bf16 autocast' if device.type == 'cuda' else 'fp32 / bf16'}"
-                   f", fused AdamW, clip, schedule; medians of {len(rows[0]['times']) if rows else 0} interleaved "
-                   f"rounds")
+        out.append(f"### Whole training step as train_glue.py runs it: {res['shape']} "
+                   f"({res['layers']} layers × 6 matrices, hidden {res['hidden']}), "
+                   f"{'bf16 autocast' if device.type == 'cuda' else 'fp32 / bf16'}, fused AdamW, "
+                   f"clip, schedule; medians of {len(rows[0]['times']) if rows else 0} "
+                   f"interleaved rounds")
         table = []
         for r in rows:
-            table.append([r["name"], fmt(r["step_ms"]), f"{fmt(r['step_q1'])}–{fmt(r['step_q3'])}", fmt(r["mean_ms"]),
-                          fmt(r.get("kernel_ms")), fmt(ratio(r["step_ms"], r.get("kernel_ms")), ".2f"),
+            table.append([r["name"], fmt(r["step_ms"]), f"{fmt(r['step_q1'])}–{fmt(r['step_q3'])}",
+                          fmt(r["mean_ms"]), fmt(r.get("kernel_ms")),
+                          fmt(ratio(r["step_ms"], r.get("kernel_ms")), ".2f"),
                           fmt(r.get("launches"), ".0f"), fmt(r.get("gpu_events"), ".0f"),
                           "–" if r.get("syncs") is None else r["syncs"], fmt(r["warmup_s"], ".1f")])
-        out.append(markdown(["variant", "wall ms / step (median)", "quartiles", "mean", "GPU kernel ms / step",
-                             "wall × kernel", "launches / step", "GPU kernels / step", "host syncs / step",
-                             "build + warm-up s"], table))
+        out.append(markdown(["variant", "wall ms / step (median)", "quartiles", "mean",
+                             "GPU kernel ms / step", "wall × kernel", "launches / step",
+                             "GPU kernels / step", "host syncs / step", "build + warm-up s"],
+                            table))
         for line in res["skipped"]:
             out.append(f"- not measured: {line}")
         profiled = [r for r in rows if r.get("phases")]
         if profiled:
-            out.append("\nWhere the time of a CPU step goes (torch.profiler over 3 steps; ms per step by phase, "
-                       "then the costliest operators of the LoRA² rows by self time):\n")
-            out.append(markdown(["variant", *PHASES, "sum"], [[r["name"], *(fmt(r["phases"][p], ".1f") for p in PHASES),
-                                                              fmt(sum(r["phases"].values()), ".1f")] for r in profiled]))
+            out.append("\nWhere the time of a CPU step goes (torch.profiler over 3 steps; "
+                       "ms per step by phase, then the costliest operators of the LoRA² rows "
+                       "by self time):\n")
+            out.append(markdown(["variant", *PHASES, "sum"],
+                                [[r["name"], *(fmt(r["phases"][p], ".1f") for p in PHASES),
+                                  fmt(sum(r["phases"].values()), ".1f")] for r in profiled]))
             for r in profiled:
                 if r["kind"] == "lora2":
                     out.append(f"- {r['name']}: " + "; ".join(f"{k} {ms:.1f} ms ({c:.0f}×)"
                                                             for k, (c, ms) in r["top_ops"].items()))
         if (res.get("compiler_startup_s") or 0) > 0.05:
-            out.append(f"- the compiler's one-time start (compiling a tiny function first: imports, worker processes) "
-                       f"took {res['compiler_startup_s']:.1f} s before any row was built; a fresh train_glue.py pays "
-                       f"it once (the e2e warm-ups include it)")
-        fast, ref = by.get(("lora2", args_backend(rows), "bf16")), by.get(("reference_lora", args_backend(rows), "bf16"))
+            out.append(f"- the compiler's one-time start (compiling a tiny function first: "
+                       f"imports, worker processes) took {res['compiler_startup_s']:.1f} s before "
+                       f"any row was built; a fresh train_glue.py pays it once (the e2e warm-ups "
+                       f"include it)")
+        fast, ref = (by.get(("lora2", args_backend(rows), "bf16")),
+                     by.get(("reference_lora", args_backend(rows), "bf16")))
         slow, peft_eager = by.get(("lora2", None, "bf16")), by.get(("peft_lora", None, "bf16"))
         cpu_fp32 = by.get(("lora2", None, "fp32"))
         if cpu_fp32 and slow:
@@ -756,21 +820,26 @@ def report_step(results, device):
         if fast:
             out.append(f"- LoRA² compiled build + warm-up: {verdict(fast['warmup_s'], 30)} s")
         if fast and ref:
-            out.append(f"- LoRA² compiled / minimal LoRA compiled: {verdict(fast['step_ms'] / ref['step_ms'], 1.15)}")
+            out.append(f"- LoRA² compiled / minimal LoRA compiled: "
+                       f"{verdict(fast['step_ms'] / ref['step_ms'], 1.15)}")
         if fast and fast.get("kernel_ms"):
-            out.append(f"- LoRA² compiled wall / its GPU kernel time: {verdict(fast['step_ms'] / fast['kernel_ms'], 1.3)}")
+            out.append(f"- LoRA² compiled wall / its GPU kernel time: "
+                       f"{verdict(fast['step_ms'] / fast['kernel_ms'], 1.3)}")
         if fast and slow:
-            out.append(f"- LoRA² eager / LoRA² compiled: {verdict(slow['step_ms'] / fast['step_ms'], 5, False)}")
+            out.append(f"- LoRA² eager / LoRA² compiled: "
+                       f"{verdict(slow['step_ms'] / fast['step_ms'], 5, False)}")
         if fast and peft_eager:
-            out.append(f"- LoRA² compiled / PEFT LoRA eager: {verdict(fast['step_ms'] / peft_eager['step_ms'], 0.25)}")
+            out.append(f"- LoRA² compiled / PEFT LoRA eager: "
+                       f"{verdict(fast['step_ms'] / peft_eager['step_ms'], 0.25)}")
         if fast and fast.get("top"):
             classes = {}
             for name, (count, us) in fast["top"].items():
                 c = classes.setdefault(kernel_class(name), [0, 0.0])
                 c[0], c[1] = c[0] + count, c[1] + us
-            out.append(f"- where {fast['name']}'s GPU time goes (top 25 kernel names, per step): " + "; ".join(
-                f"{cls} {us / 1e3:.2f} ms in {count:.0f} kernels" for cls, (count, us)
-                in sorted(classes.items(), key=lambda kv: -kv[1][1])))
+            out.append(f"- where {fast['name']}'s GPU time goes (top 25 kernel names, per step): "
+                       + "; ".join(f"{cls} {us / 1e3:.2f} ms in {count:.0f} kernels"
+                                   for cls, (count, us)
+                                   in sorted(classes.items(), key=lambda kv: -kv[1][1])))
     return "\n".join(out)
 
 
@@ -780,13 +849,15 @@ def args_backend(rows):
 
 
 def report_e2e(runs):
-    table = [[r.get("steps", "–"), r["mode"], r["seed"], fmt(r.get("steps_per_s"), ".1f"), fmt(r.get("warmup_s"), ".1f"),
-              fmt(r.get("wall_s"), ".0f"), fmt(r.get("accuracy"), ".4f"), r["returncode"]] for r in runs]
+    table = [[r.get("steps", "–"), r["mode"], r["seed"], fmt(r.get("steps_per_s"), ".1f"),
+              fmt(r.get("warmup_s"), ".1f"), fmt(r.get("wall_s"), ".0f"),
+              fmt(r.get("accuracy"), ".4f"), r["returncode"]] for r in runs]
     out = ["### train_glue.py end to end: its default SST-2 run, MiniLM, batch 32",
-           markdown(["steps", "mode", "seed", "steps/s sustained", "warm-up s (compile, capture)", "process wall s",
-                     "dev accuracy", "exit"], table)]
+           markdown(["steps", "mode", "seed", "steps/s sustained", "warm-up s (compile, capture)",
+                     "process wall s", "dev accuracy", "exit"], table)]
     for steps in dict.fromkeys(r.get("steps") for r in runs):
-        by = {r["mode"]: r for r in runs if r.get("steps") == steps and r["seed"] == runs[0]["seed"]}
+        by = {r["mode"]: r for r in runs
+              if r.get("steps") == steps and r["seed"] == runs[0]["seed"]}
         if "eager" in by and "compiled" in by:
             out.append(f"- {steps} steps: compiled process wall / eager: "
                        f"{verdict(by['compiled']['wall_s'] / by['eager']['wall_s'], 1.0)}")
@@ -795,10 +866,12 @@ def report_e2e(runs):
 
 
 def environment(device):
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    env = dict(python=platform.python_version(), torch=torch.__version__, platform=platform.platform(), cpu=cpu,
-               cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+    env = dict(python=platform.python_version(), torch=torch.__version__,
+               platform=platform.platform(), cpu=cpu, cpu_count=os.cpu_count(),
+               torch_threads=torch.get_num_threads(),
                cpu_capability=torch.backends.cpu.get_cpu_capability())
     for name in ("transformers", "peft"):
         mod, _ = optional(name)
@@ -816,15 +889,17 @@ LLM_TARGETS = {"llama-8b": 1.05, "llama-1b": 1.10}  # lora2+R+P step ≤ this ×
 
 
 def run_settings(device, only, args):
-    """Measure the settings of `only`; print each table as it is done; return everything measured."""
+    """Measure the settings of `only`; print each table as it is done; return everything
+    measured."""
     cfg = config_for(device, args.quick)
     env = environment(device)
     command = "python " + " ".join([f"experiments/{os.path.basename(sys.argv[0])}"] + sys.argv[1:])
-    print("## Environment\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()) + f"\n- command: {command}",
-          flush=True)
+    print("## Environment\n" + "\n".join(f"- {k}: {v}" for k, v in env.items())
+          + f"\n- command: {command}", flush=True)
     results = dict(environment=env, config=asdict(cfg), device=str(device), command=command)
     t0 = time.perf_counter()
-    for name, bench in (("step", bench_step), ("e2e", bench_e2e), ("layer", bench_layer), ("merged", bench_merged)):
+    for name, bench in (("step", bench_step), ("e2e", bench_e2e), ("layer", bench_layer),
+                        ("merged", bench_merged)):
         if name in only:
             results[name] = bench(device, cfg, args)
             print("\n" + report_setting(name, results[name], device), flush=True)
@@ -844,22 +919,27 @@ def find_row(rows, kind, backend, precision="bf16"):
 
 
 def targets(files):
-    """The targets table: [target, measured, verdict] rows from the raw files' step, e2e and layer settings."""
+    """The targets table: [target, measured, verdict] rows from the raw files' step, e2e and layer
+    settings."""
     rows = []
     h200, cpu = files.get("bench-h200.json"), files.get("bench-cpu.json")
     for res in (h200 or {}).get("step", []):
-        fast, ref = find_row(res["rows"], "lora2", "inductor"), find_row(res["rows"], "reference_lora", "inductor")
+        fast, ref = (find_row(res["rows"], "lora2", "inductor"),
+                     find_row(res["rows"], "reference_lora", "inductor"))
         if fast and ref:
-            rows.append([f"{res['shape']}: LoRA² compiled step ≤ 1.15× a compiled minimal LoRA step",
-                         f"{fast['step_ms']:.2f} / {ref['step_ms']:.2f} ms", verdict(fast["step_ms"] / ref["step_ms"],
-                                                                                      1.15)])
+            rows.append([f"{res['shape']}: LoRA² compiled step ≤ 1.15× a compiled "
+                         f"minimal LoRA step",
+                         f"{fast['step_ms']:.2f} / {ref['step_ms']:.2f} ms",
+                         verdict(fast["step_ms"] / ref["step_ms"], 1.15)])
         if fast and fast.get("kernel_ms"):
             rows.append([f"{res['shape']}: LoRA² compiled wall ≤ 1.3× its GPU kernel time",
                          f"{fast['step_ms']:.2f} / {fast['kernel_ms']:.2f} ms",
                          verdict(fast["step_ms"] / fast["kernel_ms"], 1.3)])
         if fast:
-            rows.append([f"{res['shape']}: LoRA² compiled warm-up ≤ 30 s (build + first steps: compile, capture)",
-                         f"{fast['warmup_s']:.1f} s (minimal LoRA {ref['warmup_s']:.1f} s)" if ref else "",
+            rows.append([f"{res['shape']}: LoRA² compiled warm-up ≤ 30 s (build + first steps: "
+                         f"compile, capture)",
+                         f"{fast['warmup_s']:.1f} s (minimal LoRA {ref['warmup_s']:.1f} s)"
+                         if ref else "",
                          verdict(fast["warmup_s"], 30)])
     runs = (h200 or {}).get("e2e", [])
     for steps in dict.fromkeys(r.get("steps") for r in runs):
@@ -869,67 +949,81 @@ def targets(files):
                          f"{by['compiled']['wall_s']:.0f} / {by['eager']['wall_s']:.0f} s",
                          verdict(by["compiled"]["wall_s"] / by["eager"]["wall_s"], 1.0)])
     for res in (cpu or {}).get("step", []):
-        fp32, bf16 = find_row(res["rows"], "lora2", None, "fp32"), find_row(res["rows"], "lora2", None, "bf16")
+        fp32, bf16 = (find_row(res["rows"], "lora2", None, "fp32"),
+                      find_row(res["rows"], "lora2", None, "bf16"))
         if fp32 and bf16:
-            rows.append([f"CPU, {res['shape']}: the default LoRA² step (bf16 autocast) ≥ 1.3× fp32 steps/s",
+            rows.append([f"CPU, {res['shape']}: the default LoRA² step (bf16 autocast) "
+                         f"≥ 1.3× fp32 steps/s",
                          f"{fp32['step_ms']:.0f} / {bf16['step_ms']:.0f} ms",
                          verdict(fp32["step_ms"] / bf16["step_ms"], 1.3, False)])
     for res in (cpu or {}).get("layer", []):
         mine, ref = res["rows"]["LoRA2Linear k=r=8"], res["rows"]["reference LoRA r=8"]
         rows.append([f"CPU, one layer d={res['d']}: LoRA2Linear ≤ 1.0× the reference LoRA's time",
-                     f"{mine['ms']:.2f} / {ref['ms']:.2f} ms", verdict(mine["ms"] / ref["ms"], 1.0)])
+                     f"{mine['ms']:.2f} / {ref['ms']:.2f} ms",
+                     verdict(mine["ms"] / ref["ms"], 1.0)])
     return rows
 
 
 def time_by_class(row):
-    """{kernel class: (count, ms)} per step from a row's top kernels, the rest as "other (outside the top 25)"."""
+    """{kernel class: (count, ms)} per step from a row's top kernels, the rest as "other (outside
+    the top 25)"."""
     classes = {}
     for name, (count, us) in row.get("top", {}).items():
         c = classes.setdefault(kernel_class(name), [0.0, 0.0])
         c[0], c[1] = c[0] + count, c[1] + us / 1e3
     rest = row["kernel_ms"] - sum(ms for _, ms in classes.values())
-    classes["other (outside the top 25 names)"] = [row["gpu_events"] - sum(n for n, _ in classes.values()), rest]
+    classes["other (outside the top 25 names)"] = [row["gpu_events"]
+                                                   - sum(n for n, _ in classes.values()), rest]
     return classes
 
 
 def where_the_time_goes(res):
-    """LoRA² compiled against the compiled minimal LoRA: GPU time and kernels per step by class of kernel."""
-    fast, ref = find_row(res["rows"], "lora2", "inductor"), find_row(res["rows"], "reference_lora", "inductor")
+    """LoRA² compiled against the compiled minimal LoRA: GPU time and kernels per step by class of
+    kernel."""
+    fast, ref = (find_row(res["rows"], "lora2", "inductor"),
+                 find_row(res["rows"], "reference_lora", "inductor"))
     if not (fast and ref and fast.get("top") and ref.get("top")):
         return ""
     a, b = time_by_class(fast), time_by_class(ref)
-    table = [[c, f"{a.get(c, [0, 0])[1]:.3f} ({a.get(c, [0, 0])[0]:.0f})", f"{b.get(c, [0, 0])[1]:.3f} "
-              f"({b.get(c, [0, 0])[0]:.0f})", f"{a.get(c, [0, 0])[1] - b.get(c, [0, 0])[1]:+.3f}"]
+    table = [[c, f"{a.get(c, [0, 0])[1]:.3f} ({a.get(c, [0, 0])[0]:.0f})",
+              f"{b.get(c, [0, 0])[1]:.3f} ({b.get(c, [0, 0])[0]:.0f})",
+              f"{a.get(c, [0, 0])[1] - b.get(c, [0, 0])[1]:+.3f}"]
              for c in sorted(set(a) | set(b), key=lambda c: -a.get(c, [0, 0])[1])]
     table.append(["all", f"{fast['kernel_ms']:.3f} ({fast['gpu_events']:.0f})",
-                  f"{ref['kernel_ms']:.3f} ({ref['gpu_events']:.0f})", f"{fast['kernel_ms'] - ref['kernel_ms']:+.3f}"])
-    return (f"Where the GPU time of a compiled step goes, {res['shape']} (ms per step, kernels in brackets; torch.profiler "
-            f"over 10 steps, one of them masking):\n\n"
+                  f"{ref['kernel_ms']:.3f} ({ref['gpu_events']:.0f})",
+                  f"{fast['kernel_ms'] - ref['kernel_ms']:+.3f}"])
+    return (f"Where the GPU time of a compiled step goes, {res['shape']} (ms per step, kernels in "
+            f"brackets; torch.profiler over 10 steps, one of them masking):\n\n"
             + markdown(["kernels", "LoRA² compiled", "minimal LoRA compiled", "difference"], table))
 
 
 def write_report(path=HERE / "BENCHMARKS.md"):
-    """BENCHMARKS.md from the committed raw files (RAW_FILES): every figure in it is in one of them."""
+    """BENCHMARKS.md from the committed raw files (RAW_FILES): every figure in it is in one of
+    them."""
     lines = ["# Benchmarks: what LoRA² costs per step", "",
              "Generated by `python experiments/bench.py --report` from the raw files beside it "
              + ", ".join(f"[{name}]({name})" for name in (*RAW_FILES, LLM_FILE)
                          if (HERE / name).exists())
-             + "; each section names the command that measured it, and rerunning that command measures again. "
-             "Ratios between rows of one file are what carry over to another machine; absolute times depend on "
-             "the host, so compare figures only within a file.", ""]
-    files = {name: json.loads((HERE / name).read_text()) for name in RAW_FILES if (HERE / name).exists()}
+             + "; each section names the command that measured it, and rerunning that command "
+             "measures again. Ratios between rows of one file are what carry over to another "
+             "machine; absolute times depend on the host, so compare figures only within a "
+             "file.", ""]
+    files = {name: json.loads((HERE / name).read_text()) for name in RAW_FILES
+             if (HERE / name).exists()}
     lines += ["## Targets", "", markdown(["target", "measured", "verdict"], targets(files)), ""]
     for name, results in files.items():
         device = torch.device("cuda" if results["device"].startswith("cuda") else "cpu")
         env = results["environment"]
-        where = env.get("gpu") or f"{env['cpu_count']} CPU cores ({env.get('cpu', platform.processor())})"
+        where = (env.get("gpu")
+                 or f"{env['cpu_count']} CPU cores ({env.get('cpu', platform.processor())})")
         lines += [f"## {where}: `{results['command']}`", "",
                   "- " + "; ".join(f"{k} {v}" for k, v in env.items() if v is not None), ""]
         for setting in SETTINGS:
             if setting in results:
                 lines += [report_setting(setting, results[setting], device), ""]
             if setting == "step" and device.type == "cuda":
-                lines += [text + "\n" for text in map(where_the_time_goes, results.get("step", [])) if text]
+                lines += [text + "\n" for text in map(where_the_time_goes, results.get("step", []))
+                          if text]
     if (HERE / LLM_FILE).exists():
         lora2_sha256 = hashlib.sha256(Path(lora2.__file__).read_bytes()).hexdigest()
         lines += [report_llm(json.loads((HERE / LLM_FILE).read_text()), lora2_sha256), ""]
@@ -987,18 +1081,25 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--only", default=None,
-                        help=f"comma-separated subset of {','.join(SETTINGS)} (default: step,e2e on CUDA, "
-                             f"step,layer,merged on the CPU)")
-    parser.add_argument("--report", action="store_true", help="write BENCHMARKS.md from the committed JSON files")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions: a smoke run")
+                        help=f"comma-separated subset of {','.join(SETTINGS)} (default: step,e2e "
+                             f"on CUDA, step,layer,merged on the CPU)")
+    parser.add_argument("--report", action="store_true",
+                        help="write BENCHMARKS.md from the committed JSON files")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny shapes and few repetitions: a smoke run")
     parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
-    parser.add_argument("--backend", default=None, choices=("inductor", "aot_eager", "eager", "none"),
-                        help="step/e2e: the compiled rows' torch.compile backend (default: inductor on CUDA, no "
-                             "compiled rows on the CPU; none: CUDA graphs of the eager kernels)")
-    parser.add_argument("--model_dir", default=None, help="step/e2e: the MiniLM folder (default: the packaged one)")
-    parser.add_argument("--budget_s", type=float, default=None, help="step: build no compiled row after this long")
-    parser.add_argument("--shapes", default=None, help="step: minilm and/or bert-base (default: both on CUDA, "
-                                                        "minilm on the CPU)")
+    parser.add_argument("--backend", default=None,
+                        choices=("inductor", "aot_eager", "eager", "none"),
+                        help="step/e2e: the compiled rows' torch.compile backend (default: "
+                             "inductor on CUDA, no compiled rows on the CPU; none: CUDA graphs of "
+                             "the eager kernels)")
+    parser.add_argument("--model_dir", default=None,
+                        help="step/e2e: the MiniLM folder (default: the packaged one)")
+    parser.add_argument("--budget_s", type=float, default=None,
+                        help="step: build no compiled row after this long")
+    parser.add_argument("--shapes", default=None,
+                        help="step: minilm and/or bert-base (default: both on CUDA, "
+                             "minilm on the CPU)")
     parser.add_argument("--e2e_modes", default="eager,compiled", help="e2e: eager and/or compiled")
     parser.add_argument("--e2e_seeds", default="0", help="e2e: comma-separated seeds")
     parser.add_argument("--e2e_steps", default="default,600",

@@ -1,31 +1,42 @@
-"""The GLUE study at the paper's schedules (issue 14): LoRA² against LoRA, AdaLoRA and full fine-tuning.
+"""The GLUE study at the paper's schedules (issue 14): LoRA² against LoRA, AdaLoRA and full \
+fine-tuning.
 
-    python experiments/study.py --plan                       # the runs in priority order, their steps and estimates
-    python experiments/study.py --prepare .device/paper      # fp16 backbone + GLUE files to carry (50 MiB)
-    # on the GPU machine (carrying .device/paper), one call of at most 10 minutes, as often as needed:
-    python3 experiments/study.py --device cuda --gpus 2 --jobs 16 --compile --time_limit 540 --no_report \
-        --model .device/paper/model --data_dir .device/paper/glue --pack $OUT/paper.tar.gz
-    python experiments/study.py --unpack .../paper.tar.gz    # here: the finished runs into experiments/runs/paper/
-    python experiments/study.py --report_only                # RESULTS.md + results.png from the committed JSONs
-    python experiments/study.py --quick --model DIR --data_dir DIR        # a tiny CPU plan in seconds (the tests)
+    python experiments/study.py --plan                       # the runs in priority order, their
+                                                               steps and estimates
+    python experiments/study.py --prepare .device/paper      # fp16 backbone + GLUE files to carry
+                                                               (50 MiB)
+    # on the GPU machine (carrying .device/paper), one call of at most 10 minutes, as often as
+      needed:
+    python3 experiments/study.py --device cuda --gpus 2 --jobs 16 --compile --time_limit 540 \
+        --no_report --model .device/paper/model --data_dir .device/paper/glue \
+        --pack $OUT/paper.tar.gz
+    python experiments/study.py --unpack .../paper.tar.gz    # here: the finished runs into
+                                                               experiments/runs/paper/
+    python experiments/study.py --report_only                # RESULTS.md + results.png from the
+                                                               committed JSONs
+    python experiments/study.py --quick --model DIR --data_dir DIR        # a tiny CPU plan in
+                                                                            seconds (the tests)
 
-The plan is task × configuration × seed, every run `train_glue.py --preset paper` (SPEC §5: the paper's epochs, lr,
-warm-up, t_i, t_f, mask interval, γ, dropout, weight decay, batch 32) with the configuration's flags on top, 3 seeds
-(the baselines: `experiments/baselines.py --method M --preset paper`; a run is one process of its script).
+The plan is task × configuration × seed, every run `train_glue.py --preset paper` (SPEC §5: the
+paper's epochs, lr, warm-up, t_i, t_f, mask interval, γ, dropout, weight decay, batch 32) with the
+configuration's flags on top, 3 seeds (the baselines: `experiments/baselines.py --method M --preset
+paper`; a run is one process of its script).
 Runs go in priority order, so a study cut short by the device time holds the most important runs:
   1. CoLA and RTE: LoRA² k=8 and LoRA r=8 (the issue's must-haves)
   2. CoLA and RTE: LoRA² k=1, AdaLoRA, full fine-tuning
   3. QNLI (a fixed split of dev.tsv: non-standard): the five methods
-  4. SST-2, capped (`--epochs sst2=E`, default 2 of the paper's 24 epochs; warm-up, t_i and t_f stay the preset's
-     fractions of T, the mask interval shrinks with T)
-  5. ablations of LoRA² k=8 on CoLA and RTE: γ = 0, no pruning, importance on all factors, the paper's init
-Each run is one train_glue.py process writing experiments/runs/paper/<run-id>/ (metrics.json, log.txt, and
-study_run.json: status, times, GPU). A run whose metrics.json exists is skipped, so a rerun continues the study. With
---time_limit a run starts only if it is estimated to end in time (speeds measured from the running runs' logs), and the
-runs still going then are stopped. Runs save train_state.pt every 10 % of their steps and always start with --resume:
-a stopped run continues from its checkpoint in the next invocation on the same machine (--detach keeps a study going
-across calls of a warm machine), or on a fresh one when `--pack_states` carried its checkpoint back (5.6–7.7 MiB for an
-adapter run). A failed run is logged and reported, never fatal.
+  4. SST-2, capped (`--epochs sst2=E`, default 2 of the paper's 24 epochs; warm-up, t_i and t_f stay
+     the preset's fractions of T, the mask interval shrinks with T)
+  5. ablations of LoRA² k=8 on CoLA and RTE: γ = 0, no pruning, importance on all factors, the
+     paper's init
+Each run is one train_glue.py process writing experiments/runs/paper/<run-id>/ (metrics.json,
+log.txt, and study_run.json: status, times, GPU). A run whose metrics.json exists is skipped, so a
+rerun continues the study. With --time_limit a run starts only if it is estimated to end in time
+(speeds measured from the running runs' logs), and the runs still going then are stopped. Runs save
+train_state.pt every 10 % of their steps and always start with --resume: a stopped run continues
+from its checkpoint in the next invocation on the same machine (--detach keeps a study going across
+calls of a warm machine), or on a fresh one when `--pack_states` carried its checkpoint back
+(5.6–7.7 MiB for an adapter run). A failed run is logged and reported, never fatal.
 
 The study at base size (issue 29), `--backbone mpnet`: MPNet-base (all-mpnet-base-v2, 12 layers,
 width 768) through train_glue.py's --hf, every run with --pooling mean (the checkpoint's pooling),
@@ -93,7 +104,8 @@ import train_glue  # noqa: E402
 from experiments import baselines  # noqa: E402
 from rundir import fmt_time  # noqa: E402
 
-PAPER = train_glue.PAPER  # task: {lr, epochs, max_len, r, target_rank, alpha, t_i, t_f, ...} (SPEC §5)
+# task: {lr, epochs, max_len, r, target_rank, alpha, t_i, t_f, ...} (SPEC §5)
+PAPER = train_glue.PAPER
 OLD_STUDY = HERE / "runs" / "study"      # the 200-step study of issue 6: the appendix
 atomic_write = formats.atomic_write
 
@@ -103,17 +115,19 @@ def paper(task, key):
 
 
 def paper_steps(task):
-    """T of the paper's schedule: its epochs over the full training set in batches of 32 (as train_glue's preset)."""
+    """T of the paper's schedule: its epochs over the full training set in batches of 32 (as
+    train_glue's preset)."""
     return paper(task, "epochs") * math.ceil(glue.TASKS[task].train_size / 32)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the plan
 
 
 @dataclass(frozen=True)
 class Config:
-    """One configuration: train_glue.py flags on top of `--preset paper`. A value "r" means the task's preset r."""
+    """One configuration: train_glue.py flags on top of `--preset paper`. A value "r" means the
+    task's preset r."""
     name: str          # part of the run-id
     label: str         # as printed in RESULTS.md
     flags: tuple       # ((flag, value), ...), --method included
@@ -126,7 +140,8 @@ class Config:
         return {k: (paper(task, "r") if v == "r" else v) for k, v in self.flags}
 
 
-LORA2 = (("method", "lora2"), ("init", "orthogonal"), ("scored", "inner"), ("cross", 0.0))  # pinned, not defaults
+# pinned, not defaults
+LORA2 = (("method", "lora2"), ("init", "orthogonal"), ("scored", "inner"), ("cross", 0.0))
 FULL_LR = 5e-5
 
 CONFIGS = [
@@ -135,13 +150,14 @@ CONFIGS = [
     Config("lora2-k1", "LoRA² k=1", LORA2 + (("k", 1),)),
     Config("adalora", "AdaLoRA", (("method", "adalora"),)),
     Config("full", "Full FT", (("method", "full"), ("lr", FULL_LR))),
-    Config("lora2-k8-gamma0", "LoRA² k=8, γ = 0 (no regulariser)", LORA2 + (("k", 8), ("gamma", 0.0)), True),
-    Config("lora2-k8-noprune", "LoRA² k=8, no pruning (target rank = r)", LORA2 + (("k", 8), ("target_rank", "r")),
-           True),
-    Config("lora2-k8-scoredall", "LoRA² k=8, importance on all factors", LORA2[:2] + (("scored", "all"),)
-           + LORA2[3:] + (("k", 8),), True),
-    Config("lora2-k8-paperinit", "LoRA² k=8, the paper's init N(0, 0.02²)", (("method", "lora2"), ("init", "paper"))
-           + LORA2[2:] + (("k", 8),), True),
+    Config("lora2-k8-gamma0", "LoRA² k=8, γ = 0 (no regulariser)",
+           LORA2 + (("k", 8), ("gamma", 0.0)), True),
+    Config("lora2-k8-noprune", "LoRA² k=8, no pruning (target rank = r)",
+           LORA2 + (("k", 8), ("target_rank", "r")), True),
+    Config("lora2-k8-scoredall", "LoRA² k=8, importance on all factors",
+           LORA2[:2] + (("scored", "all"),) + LORA2[3:] + (("k", 8),), True),
+    Config("lora2-k8-paperinit", "LoRA² k=8, the paper's init N(0, 0.02²)",
+           (("method", "lora2"), ("init", "paper")) + LORA2[2:] + (("k", 8),), True),
 ]
 
 
@@ -179,7 +195,8 @@ class Plan:
     configs: list               # [Config]
     parts: list                 # [Part], in priority order
     seeds: list
-    common: dict = field(default_factory=dict)  # flags of every run on top of the preset (--quick: tiny batches)
+    # flags of every run on top of the preset (--quick: tiny batches)
+    common: dict = field(default_factory=dict)
     evals: int = 20             # evaluations per run (--eval_every = steps // evals)
     saves: int = 10             # train_state.pt checkpoints per run (--save_every = steps // saves)
     logs: int = 50              # progress lines per run
@@ -195,12 +212,15 @@ ABLATIONS = ("lora2-k8-gamma0", "lora2-k8-noprune", "lora2-k8-scoredall", "lora2
 
 
 def full_plan(epochs=None):
-    """The study of issue 14; epochs: {task: epochs} overriding the paper's (default: SST-2 capped at 2 of 24)."""
+    """The study of issue 14; epochs: {task: epochs} overriding the paper's (default: SST-2 capped
+    at 2 of 24)."""
     return Plan(
         tasks={"cola": {}, "rte": {}, "qnli": {"dev_split": 0.3}, "sst2": {}},
         epochs={"sst2": 2, **(epochs or {})}, configs=list(CONFIGS),
-        parts=[Part("must-have: CoLA, RTE × LoRA² k=8, LoRA r=8", ("cola", "rte"), ("lora2-k8", "lora-r8")),
-               Part("CoLA, RTE × LoRA² k=1, AdaLoRA, full FT", ("cola", "rte"), ("lora2-k1", "adalora", "full")),
+        parts=[Part("must-have: CoLA, RTE × LoRA² k=8, LoRA r=8", ("cola", "rte"),
+                    ("lora2-k8", "lora-r8")),
+               Part("CoLA, RTE × LoRA² k=1, AdaLoRA, full FT", ("cola", "rte"),
+                    ("lora2-k1", "adalora", "full")),
                Part("QNLI × the five methods", ("qnli",), MAIN),
                Part("SST-2 (capped) × the five methods", ("sst2",), MAIN),
                Part("ablations of LoRA² k=8 on CoLA, RTE", ("cola", "rte"), ABLATIONS)],
@@ -208,11 +228,12 @@ def full_plan(epochs=None):
 
 
 def quick_plan(epochs=None):
-    """A tiny plan for CI (8 runs): RTE and QNLI's dev split of the tests' synthetic files, 2 epochs of batch 4, two
-    seeds; the full plan's configurations, a few of them."""
+    """A tiny plan for CI (8 runs): RTE and QNLI's dev split of the tests' synthetic files, 2 epochs
+    of batch 4, two seeds; the full plan's configurations, a few of them."""
     plan = full_plan()
     return Plan(
-        tasks={"rte": {}, "qnli": {"dev_split": 0.5}}, epochs={"rte": 2, "qnli": 2, **(epochs or {})},
+        tasks={"rte": {}, "qnli": {"dev_split": 0.5}},
+        epochs={"rte": 2, "qnli": 2, **(epochs or {})},
         configs=[plan.config(n) for n in ("lora2-k8", "lora-r8", "full", "lora2-k8-gamma0")],
         parts=[Part("must-have: RTE × LoRA² k=8, LoRA r=8", ("rte",), ("lora2-k8", "lora-r8")),
                Part("QNLI × full FT", ("qnli",), ("full",)),
@@ -259,19 +280,23 @@ class Run:
 
     @property
     def script(self):
-        """What trains the run: train_glue.py (LoRA², no --method), or experiments/baselines.py --method."""
+        """What trains the run: train_glue.py (LoRA², no --method), or
+        experiments/baselines.py --method."""
         return TRAIN_SCRIPT if self.method == "lora2" else BASELINES_SCRIPT
 
     @property
     def id(self):
-        return f"{self.task}{f'-{self.epochs:g}ep' if self.capped else ''}-{self.config.name}-s{self.seed}"
+        return (f"{self.task}{f'-{self.epochs:g}ep' if self.capped else ''}"
+                f"-{self.config.name}-s{self.seed}")
 
     def steps(self, n_train, batch):
-        """Optimiser steps as train_glue.py computes them from --epochs (the last partial batch dropped)."""
+        """Optimiser steps as train_glue.py computes them from --epochs (the last partial batch
+        dropped)."""
         return math.ceil(self.epochs * (n_train // batch))
 
     def flags(self, plan, n_train):
-        """The flags that fix what the run computes (checked against a finished run's metrics.json)."""
+        """The flags that fix what the run computes (checked against a finished run's
+        metrics.json)."""
         steps = self.steps(n_train, plan.batch)
         interval = max(1, round(paper(self.task, "mask_interval") * steps / paper_steps(self.task)))
         flags = {"task": self.task, "preset": "paper", **dict(plan.backbone.flags), **plan.common,
@@ -285,10 +310,11 @@ class Run:
         return flags
 
     def argv(self, plan, n_train, args, folder):
-        """The command line of its script: flags(), then where and how it runs (resumable, logged)."""
+        """The command line of its script: flags(), then where and how it runs (resumable,
+        logged)."""
         steps = self.steps(n_train, plan.batch)
-        control = {"out_dir": folder, "save_every": max(1, steps // plan.saves), "log_every": max(1, steps // plan.logs),
-                   "device": args.device}
+        control = {"out_dir": folder, "save_every": max(1, steps // plan.saves),
+                   "log_every": max(1, steps // plan.logs), "device": args.device}
         if args.model:
             control["hf" if plan.backbone.hf else "model"] = args.model
         if args.data_dir:
@@ -306,8 +332,8 @@ def run_prefix(plan, task, conf):
 
 
 def plan_runs(plan, parts=None):
-    """Every run of the plan in priority order: part by part; within a part seed by seed (so a study cut short still
-    has whole seeds), the longer task first."""
+    """Every run of the plan in priority order: part by part; within a part seed by seed (so a study
+    cut short still has whole seeds), the longer task first."""
     runs = []
     for i, part in enumerate(plan.parts):
         if parts is not None and i + 1 not in parts:
@@ -318,13 +344,14 @@ def plan_runs(plan, parts=None):
             for task in tasks:
                 for name in part.configs:
                     if name in names:
-                        runs.append(Run(task, plan.config(name), seed, plan.epochs.get(task, paper(task, "epochs")),
-                                        i))
+                        runs.append(Run(task, plan.config(name), seed,
+                                        plan.epochs.get(task, paper(task, "epochs")), i))
     return runs
 
 
 def train_sizes(plan, data_dir):
-    """{task: training examples} as train_glue.py will load them (full train.tsv, or the dev split)."""
+    """{task: training examples} as train_glue.py will load them (full train.tsv, or the dev
+    split)."""
     sizes = {}
     for task, flags in plan.tasks.items():
         train = glue.load(task, data_dir, flags.get("dev_split")).train
@@ -333,7 +360,8 @@ def train_sizes(plan, data_dir):
 
 
 def constant_scores(plan, data_dir):
-    """{task: the main metric of the best constant predictor on the eval set}: MCC 0, else the majority class share."""
+    """{task: the main metric of the best constant predictor on the eval set}: MCC 0, else the
+    majority class share."""
     scores = {}
     for task, flags in plan.tasks.items():
         if glue.TASKS[task].metrics[0] == "mcc":
@@ -345,7 +373,7 @@ def constant_scores(plan, data_dir):
     return scores
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # bookkeeping
 
 
@@ -362,8 +390,8 @@ def result_of(out, run):
 
 
 def expected_config(run, plan, n_train):
-    """The run's Config as a dict: its flags() over the preset, resolved by train_glue.parse_config itself (with the
-    baselines' BaselineConfig, --method included, for a baseline run)."""
+    """The run's Config as a dict: its flags() over the preset, resolved by train_glue.parse_config
+    itself (with the baselines' BaselineConfig, --method included, for a baseline run)."""
     argv = []
     for key, value in run.flags(plan, n_train).items():
         argv += [f"--{key}", str(value)]
@@ -372,18 +400,21 @@ def expected_config(run, plan, n_train):
 
 
 def mismatches(run, m, plan, n_train=None):
-    """The settings in which a finished run's metrics.json differs from the plan (empty: it is this plan's run): every
-    value the preset or the run's flags set, and the steps. Without n_train, the values that depend on the training
-    set's size are left out."""
+    """The settings in which a finished run's metrics.json differs from the plan (empty: it is this
+    plan's run): every value the preset or the run's flags set, and the steps. Without n_train, the
+    values that depend on the training set's size are left out."""
     want, bad = expected_config(run, plan, n_train or 0), []
-    args = {"pooling": "cls", **m.get("args", {})}  # runs from before --pooling read the [CLS] pooler
-    keys = (set(train_glue.paper_preset(run.task)) | set(run.flags(plan, 0))) - {"preset", "epochs", "steps"}
+    # runs from before --pooling read the [CLS] pooler
+    args = {"pooling": "cls", **m.get("args", {})}
+    keys = ((set(train_glue.paper_preset(run.task)) | set(run.flags(plan, 0)))
+            - {"preset", "epochs", "steps"})
     if n_train is None:
         keys -= {"eval_every", "mask_interval"}
     for key in sorted(keys):
         if args.get(key) != want[key]:
             bad.append(f"--{key} {args.get(key)} (plan: {want[key]})")
-    method = m.get("method", args.get("method", "lora2"))  # LoRA² runs' args: none since train_glue.py lost --method
+    # LoRA² runs' args: none since train_glue.py lost --method
+    method = m.get("method", args.get("method", "lora2"))
     if run.method == "lora2" and method != "lora2":  # a baseline's is among the keys
         bad.append(f"method {method} (plan: lora2)")
     if n_train is not None and m.get("steps") != run.steps(n_train, plan.batch):
@@ -402,15 +433,18 @@ def check_finished(plan, out, runs, sizes):
                 bad[run.id] = problems
     if bad:
         lines = [f"  {k}: {', '.join(v)}" for k, v in list(bad.items())[:10]]
-        raise SystemExit(f"study.py: error: {len(bad)} finished runs in {out} differ from this plan:\n"
+        raise SystemExit(f"study.py: error: {len(bad)} finished runs in {out} differ from "
+                         "this plan:\n"
                          + "\n".join(lines) + "\nmove them away or use another --out")
 
 
 def hardware():
-    """Host, CPU count, Python and the GPUs nvidia-smi lists (none on a CPU machine), for RESULTS.md."""
+    """Host, CPU count, Python and the GPUs nvidia-smi lists (none on a CPU machine), for
+    RESULTS.md."""
     info = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()}
     try:
-        gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+        gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                               "--format=csv,noheader"],
                               capture_output=True, text=True, timeout=30).stdout.strip()
         info["gpus"] = [g.strip() for g in gpus.splitlines() if g.strip()]
     except (OSError, subprocess.SubprocessError):
@@ -449,7 +483,7 @@ def gpu_count():
         return 0
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # speed: what the logs say, for the time limit and the progress lines
 
 ATTEMPT = "=== study.py attempt"
@@ -461,14 +495,14 @@ def last_attempt(log_text):
 
 
 def parse_speed(log_text, batch_size):
-    """(steps, seconds) of training between the first and last progress lines of the log's last attempt, or None.
-    Each line's ex/s is cumulative since the (re)start, evaluation excluded, so the difference leaves the first steps'
-    warm-up (and compilation) out."""
+    """(steps, seconds) of training between the first and last progress lines of the log's last
+    attempt, or None. Each line's ex/s is cumulative since the (re)start, evaluation excluded, so
+    the difference leaves the first steps' warm-up (and compilation) out."""
     text = last_attempt(log_text)
     start = re.search(r"resumed from .* at step (\d+)", text)
     s_start = int(start.group(1)) if start else 0
-    points = [(int(s), (int(s) - s_start) * batch_size / float(r)) for s, _, r in PROGRESS.findall(text)
-              if float(r) > 0 and int(s) > s_start]
+    points = [(int(s), (int(s) - s_start) * batch_size / float(r))
+              for s, _, r in PROGRESS.findall(text) if float(r) > 0 and int(s) > s_start]
     if len(points) < 2:
         return None
     (s0, t0), (s1, t1) = points[0], points[-1]
@@ -492,13 +526,14 @@ def read_tail(path, size=20000):
 
 
 class Speeds:
-    """Seconds per step by (task, method), measured from the logs of this invocation's runs (running or finished);
-    a prior before any is measured."""
+    """Seconds per step by (task, method), measured from the logs of this invocation's runs (running
+    or finished); a prior before any is measured."""
 
     def __init__(self, step_s, startup_s):
         self.step_s, self.startup_s = step_s, startup_s
         self.measured = {}   # run-id -> (task, method, s per step)
-        self.overheads = []  # seconds a finished run spent outside its training steps (start-up, evaluation)
+        # seconds a finished run spent outside its training steps (start-up, evaluation)
+        self.overheads = []
 
     def note(self, run, log_text, batch):
         speed = parse_speed(log_text, batch)
@@ -518,28 +553,32 @@ class Speeds:
         return overhead + steps_left * self.per_step(run)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # running
 
 
 def run_all(runs, plan, sizes, args, out, deadline=None, speeds=None, session=None):
-    """Run the unfinished runs, args.jobs at a time over args.gpus GPUs (the least busy first); return {run-id: status}.
+    """Run the unfinished runs, args.jobs at a time over args.gpus GPUs (the least busy first);
+    return {run-id: status}.
 
-    With a deadline, a run starts only if it is estimated to end before it (--partial: any run, while a minute or a
-    quarter of the time limit is left);
-    the runs still going then are stopped (SIGTERM, then SIGKILL) and resume from their last train_state.pt next time.
+    With a deadline, a run starts only if it is estimated to end before it (--partial: any run,
+    while a minute or a quarter of the time limit is left); the runs still going then are stopped
+    (SIGTERM, then SIGKILL) and resume from their last train_state.pt next time.
     args.task_jobs ({task: n}) caps the runs of a task side by side (GPU memory: a base-size RTE
     run holds far more than a CoLA run): the next run in order starts instead, but none of a later
     part than a run waiting for its cap (the earlier part ends first).
     Prints a line per finished run and a progress line (GPU memory too) every --progress seconds."""
     todo = [r for r in runs if result_of(out, r) is None]
-    print(f"{len(runs) - len(todo)} of {len(runs)} runs already done, {len(todo)} to run", flush=True)
+    print(f"{len(runs) - len(todo)} of {len(runs)} runs already done, {len(todo)} to run",
+          flush=True)
     speeds = speeds or Speeds(args.step_s, args.startup_s)
     status, running, started, last_progress = {}, {}, time.time(), time.time()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    share = str(max(1, (os.cpu_count() or 1) // max(1, args.jobs)))  # each run's share of the CPU cores
+    # each run's share of the CPU cores
+    share = str(max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
     env.setdefault("OMP_NUM_THREADS", share)
-    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", share)   # with --compile: no 32-worker pool in each of 16 runs
+    # with --compile: no 32-worker pool in each of 16 runs
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", share)
     total, n_done = len(todo), 0
 
     def steps_left(run):
@@ -558,15 +597,19 @@ def run_all(runs, plan, sizes, args, out, deadline=None, speeds=None, session=No
         ok = code == 0 and m is not None
         prev = read_json(folder / "study_run.json") or {}
         record = {"status": "ok" if ok else (note or f"failed (exit {code})"), "returncode": code,
-                  "elapsed_s": round(elapsed, 1), "elapsed_total_s": round(prev.get("elapsed_total_s", 0) + elapsed, 1),
-                  "attempts": prev.get("attempts", 0) + 1, "gpu": gpu, "jobs": args.jobs, "gpus": args.gpus,
-                  "part": run.part + 1, "backbone": plan.backbone.name, "session": session,
+                  "elapsed_s": round(elapsed, 1),
+                  "elapsed_total_s": round(prev.get("elapsed_total_s", 0) + elapsed, 1),
+                  "attempts": prev.get("attempts", 0) + 1, "gpu": gpu, "jobs": args.jobs,
+                  "gpus": args.gpus, "part": run.part + 1, "backbone": plan.backbone.name,
+                  "session": session,
                   "window_s": [round(t0 - started, 1), round(time.time() - started, 1)],
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()) if ok else None,
                   "command": " ".join(proc.args)}
         if ok:
-            speed = parse_speed(text, plan.batch)   # what the run spent outside its steady steps: start-up, compilation,
-            resumed = re.search(r"resumed from .* at step (\d+)", last_attempt(text))   # evaluation, the report
+            # what the run spent outside its steady steps: start-up, compilation, evaluation, the
+            # report
+            speed = parse_speed(text, plan.batch)
+            resumed = re.search(r"resumed from .* at step (\d+)", last_attempt(text))
             done = m["steps"] - (int(resumed.group(1)) if resumed else 0)
             speeds.overheads.append(max(0.0, elapsed - done * speed[1] / speed[0]) if speed else
                                     max(0.0, elapsed - m["wall_s"]))
@@ -600,13 +643,17 @@ def run_all(runs, plan, sizes, args, out, deadline=None, speeds=None, session=No
                 todo.remove(pick)
                 folder = out / pick.id
                 folder.mkdir(parents=True, exist_ok=True)
-                cmd = [sys.executable, str(pick.script), *pick.argv(plan, sizes[pick.task], args, folder)]
+                cmd = [sys.executable, str(pick.script),
+                       *pick.argv(plan, sizes[pick.task], args, folder)]
                 log = open(folder / "log.txt", "a")
-                log.write(f"{ATTEMPT} {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: {' '.join(cmd)}\n")
+                log.write(f"{ATTEMPT} {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: "
+                          f"{' '.join(cmd)}\n")
                 log.flush()
-                gpu = min(range(max(1, args.gpus)), key=lambda g: sum(1 for v in running.values() if v[3] == g))
+                gpu = min(range(max(1, args.gpus)),
+                          key=lambda g: sum(1 for v in running.values() if v[3] == g))
                 run_env = dict(env, CUDA_VISIBLE_DEVICES=str(gpu)) if args.gpus >= 1 else env
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env, cwd=ROOT)
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env,
+                                        cwd=ROOT)
                 running[proc] = (pick, log, time.time(), gpu if args.gpus >= 1 else None)
             if not running:
                 break  # nothing left that fits before the deadline
@@ -627,10 +674,12 @@ def run_all(runs, plan, sizes, args, out, deadline=None, speeds=None, session=No
             for proc in [p for p in running if p.poll() is not None]:
                 run, m, ok, rec = finish(proc, proc.returncode)
                 n_done += 1
-                what = (f"{m['main_metric_name']} {m['main_metric']:.4f} at step {m['best_step']} of {m['steps']}"
-                        if ok else f"FAILED (exit {proc.returncode}), see {out / run.id / 'log.txt'}")
-                print(f"[{n_done}/{total}] {run.id}: {what} ({rec['elapsed_s']:.0f} s) | {len(running)} running | "
-                      f"elapsed {fmt_time(time.time() - started)}", flush=True)
+                what = (f"{m['main_metric_name']} {m['main_metric']:.4f} at step {m['best_step']} "
+                        f"of {m['steps']}" if ok else
+                        f"FAILED (exit {proc.returncode}), see {out / run.id / 'log.txt'}")
+                print(f"[{n_done}/{total}] {run.id}: {what} ({rec['elapsed_s']:.0f} s) | "
+                      f"{len(running)} running | elapsed {fmt_time(time.time() - started)}",
+                      flush=True)
             if time.time() - last_progress >= args.progress and running:
                 last_progress = time.time()
                 cells = []
@@ -639,7 +688,8 @@ def run_all(runs, plan, sizes, args, out, deadline=None, speeds=None, session=No
                     speeds.note(run, text, plan.batch)
                     step = log_step(last_attempt(text))
                     cells.append(f"{run.id} {step}/{run.steps(sizes[run.task], plan.batch)}")
-                left = (f", {fmt_time(deadline - time.time())} to the time limit" if deadline else "")
+                left = (f", {fmt_time(deadline - time.time())} to the time limit" if deadline
+                        else "")
                 memory = gpu_memory() if args.gpus else ""
                 memory = f"; GPU memory {memory}" if memory else ""
                 print(f"-- {fmt_time(time.time() - started)}: {len(running)} running "
@@ -653,25 +703,28 @@ def run_all(runs, plan, sizes, args, out, deadline=None, speeds=None, session=No
     return status
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # carrying: the fp16 backbone and the data there, the results (and checkpoints) back
 
 
 def to_fp16(src, dst):
-    """Copy a model.safetensors with every F32 tensor cast to F16 (others unchanged); refuse values out of F16 range."""
+    """Copy a model.safetensors with every F32 tensor cast to F16 (others unchanged); refuse values
+    out of F16 range."""
     import torch
     tensors = formats.load_safetensors(src)
     for name, t in tensors.items():
         if t.dtype == torch.float32:
             biggest = float(t.abs().max()) if t.numel() else 0.0
             if biggest > 65504:
-                raise ValueError(f"{src}: tensor {name!r} has |value| {biggest:g}, beyond float16's 65504")
+                raise ValueError(f"{src}: tensor {name!r} has |value| {biggest:g}, beyond "
+                                 "float16's 65504")
             tensors[name] = t.half()
     formats.write_safetensors(tensors, dst)
 
 
 def prepare(dest, model_dir, data_dir, tasks):
-    """dest/model: the backbone with fp16 weights (+ config, vocab, tokenizer config); dest/glue: the tasks' TSVs."""
+    """dest/model: the backbone with fp16 weights (+ config, vocab, tokenizer config); dest/glue:
+    the tasks' TSVs."""
     dest, model_dir, data_dir = Path(dest), Path(model_dir), Path(data_dir)
     try:
         copy_glue(dest / "glue", data_dir, tasks)
@@ -682,10 +735,12 @@ def prepare(dest, model_dir, data_dir, tasks):
         if (model_dir / name).exists():
             shutil.copyfile(model_dir / name, dest / "model" / name)
     to_fp16(model_dir / "model.safetensors", dest / "model" / "model.safetensors")
-    atomic_write(dest / "model" / "prepared_from.json", json.dumps({"source": str(model_dir.resolve())}) + "\n")
+    atomic_write(dest / "model" / "prepared_from.json",
+                 json.dumps({"source": str(model_dir.resolve())}) + "\n")
     size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
     print(f"wrote {dest} ({size / 2**20:.1f} MiB): fp16 backbone and GLUE "
-          f"{', '.join(glue.TASKS[t].dir for t in tasks)}; the working tree and the carried paths travel within 64 MiB")
+          f"{', '.join(glue.TASKS[t].dir for t in tasks)}; the working tree and the carried "
+          "paths travel within 64 MiB")
 
 
 def copy_glue(dest, data_dir, tasks):
@@ -705,15 +760,16 @@ def copy_glue(dest, data_dir, tasks):
 
 
 RESULT_FILES = ("metrics.json", "study_run.json", "log.txt")
-MEMBER = re.compile(r"^(?:study\.json|console\.log|[A-Za-z0-9._-]+/(?:metrics\.json|study_run\.json|log\.txt|"
-                    r"train_state\.pt))$")
+MEMBER = re.compile(r"^(?:study\.json|console\.log|[A-Za-z0-9._-]+/"
+                    r"(?:metrics\.json|study_run\.json|log\.txt|train_state\.pt))$")
 STATE_FILE_LIMIT = 15 * 2**20  # a file back from the GPU machine is at most 16 MiB
 
 
 def pack(out, path, runs, states_mb=0.0):
-    """Bundle the study for the way back: study.json, console.log and every run folder's result files (metrics.json,
-    study_run.json, log.txt) into `path` (a .tar.gz); with states_mb, the train_state.pt of unfinished runs, in plan
-    order, up to that many MiB, into <path stem>.states<i>.tar files of at most 15 MiB. Returns the files written."""
+    """Bundle the study for the way back: study.json, console.log and every run folder's result
+    files (metrics.json, study_run.json, log.txt) into `path` (a .tar.gz); with states_mb, the
+    train_state.pt of unfinished runs, in plan order, up to that many MiB, into
+    <path stem>.states<i>.tar files of at most 15 MiB. Returns the files written."""
     path = Path(path)
     written = [path]
     with tarfile.open(path, "w:gz") as tar:
@@ -743,7 +799,8 @@ def pack(out, path, runs, states_mb=0.0):
         written.append(_write_states(path, len(written), chunk))
     finished = sum(1 for f in out.iterdir() if (f / "metrics.json").exists())
     print(f"packed {finished} finished runs into {path} ({path.stat().st_size / 2**20:.2f} MiB)"
-          + (f" and {n_states} checkpoints of unfinished runs into {len(written) - 1} more files" if n_states else ""),
+          + (f" and {n_states} checkpoints of unfinished runs into {len(written) - 1} more files"
+             if n_states else ""),
           flush=True)
     return written
 
@@ -757,8 +814,9 @@ def _write_states(path, i, states):
 
 
 def unpack(out, paths):
-    """Restore what pack() bundled into `out`. A finished run here is never touched; study.json's sessions are merged
-    (the ones already here kept); a member outside the layout (another path, a link) is refused."""
+    """Restore what pack() bundled into `out`. A finished run here is never touched; study.json's
+    sessions are merged (the ones already here kept); a member outside the layout (another path, a
+    link) is refused."""
     out.mkdir(parents=True, exist_ok=True)
     restored = {"runs": set(), "states": 0}
     finished_here = {p.parent.name for p in out.glob("*/metrics.json")}
@@ -776,39 +834,46 @@ def unpack(out, paths):
                     continue
                 run_id, name = member.name.split("/")
                 if run_id in finished_here:
-                    if name == "metrics.json" and (out / run_id / "metrics.json").read_bytes() != data:
-                        print(f"warning: {run_id}/metrics.json differs from the one here; kept the one here")
+                    if name == "metrics.json" and \
+                            (out / run_id / "metrics.json").read_bytes() != data:
+                        print(f"warning: {run_id}/metrics.json differs from the one here; kept "
+                              "the one here")
                     continue  # finished here already: its files stay as they are
                 (out / run_id).mkdir(exist_ok=True)
                 atomic_write(out / run_id / name, data)
                 if name == "metrics.json":
                     restored["runs"].add(run_id)
                 restored["states"] += name == "train_state.pt"
-    print(f"unpacked into {out}: {len(restored['runs'])} newly finished runs, {restored['states']} checkpoints")
+    print(f"unpacked into {out}: {len(restored['runs'])} newly finished runs, "
+          f"{restored['states']} checkpoints")
     return restored
 
 
 def merge_state(path, theirs):
-    """study.json here, with the sessions of `theirs` that it lacks appended and its other keys updated."""
+    """study.json here, with the sessions of `theirs` that it lacks appended and its other keys
+    updated."""
     mine = read_json(path) or {}
     keys = {(s.get("started"), s.get("command")) for s in mine.get("sessions", [])}
     sessions = mine.get("sessions", []) + [s for s in theirs.get("sessions", [])
                                            if (s.get("started"), s.get("command")) not in keys]
     merged = {**mine, **{k: v for k, v in theirs.items() if k != "sessions"}, "sessions": sessions}
-    for s in theirs.get("sessions", []):  # a session packed while it ran, then again at its end: the later wins
+    # a session packed while it ran, then again at its end: the later wins
+    for s in theirs.get("sessions", []):
         for i, own in enumerate(merged["sessions"]):
-            if (own.get("started"), own.get("command")) == (s.get("started"), s.get("command")) and \
+            if (own.get("started"), own.get("command")) == \
+                    (s.get("started"), s.get("command")) and \
                     s.get("wall_s", 0) > own.get("wall_s", 0):
                 merged["sessions"][i] = s
     atomic_write(path, json.dumps(merged, indent=1) + "\n")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # report
 
 
 def verdict(a, b):
-    """Compare two sets of seed scores: 'win' if every a beats every b, 'loss' if the reverse, else 'tie'."""
+    """Compare two sets of seed scores: 'win' if every a beats every b, 'loss' if the reverse, else
+    'tie'."""
     if min(a) > max(b):
         return "win"
     if max(a) < min(b):
@@ -816,11 +881,13 @@ def verdict(a, b):
     return "tie"
 
 
-LEARNED_MARGIN = 0.03  # a task is learned when the median beats the constant predictor by 3 points and every seed does
+# a task is learned when the median beats the constant predictor by 3 points and every seed does
+LEARNED_MARGIN = 0.03
 
 
 def learned(values, constant):
-    return constant is None or (np.median(values) >= constant + LEARNED_MARGIN and min(values) > constant)
+    return constant is None or (np.median(values) >= constant + LEARNED_MARGIN
+                                and min(values) > constant)
 
 
 def pct(x):
@@ -832,19 +899,22 @@ def span(v):
 
 
 CLAIMS = [  # (id, a, b, the paper's claim as tested here)
-    ("C1", "lora2-k8", "lora-r8", "LoRA² k=8 matches or beats LoRA r=8 at the same parameter budget"),
-    ("C2", "lora2-k8", "adalora", "LoRA² k=8 matches or beats AdaLoRA at the same budget (r singular values pruned to "
-                                  "the target rank on the same schedule)"),
+    ("C1", "lora2-k8", "lora-r8", "LoRA² k=8 matches or beats LoRA r=8 at the same parameter "
+                                  "budget"),
+    ("C2", "lora2-k8", "adalora", "LoRA² k=8 matches or beats AdaLoRA at the same budget (r "
+                                  "singular values pruned to the target rank on the same "
+                                  "schedule)"),
     ("C3", "lora2-k1", "lora-r8", "LoRA² k=1 (1/8 of the parameters) stays comparable to LoRA r=8"),
     ("C4", "lora2-k1", "lora2-k8", "LoRA² k=1 stays comparable to LoRA² k=8"),
-    ("C5", "lora2-k8", "lora2-k8-scoredall", "Scoring only λ and the inner factors (≈99 % fewer scores) costs nothing "
-                                            "against scoring all factors"),
-    ("A1", "lora2-k8", "lora2-k8-gamma0", "The orthogonality regulariser (γ of the preset) does not hurt: "
-                                         "LoRA² k=8 matches or beats γ = 0"),
-    ("A2", "lora2-k8", "lora2-k8-noprune", "Pruning to the target rank does not hurt: LoRA² k=8 matches or beats "
-                                          "no pruning"),
-    ("A3", "lora2-k8-paperinit", "lora2-k8", "The paper's N(0, 0.02²) init matches this project's orthogonal init "
-                                            "(the default here)"),
+    ("C5", "lora2-k8", "lora2-k8-scoredall", "Scoring only λ and the inner factors (≈99 % fewer "
+                                            "scores) costs nothing against scoring all "
+                                            "factors"),
+    ("A1", "lora2-k8", "lora2-k8-gamma0", "The orthogonality regulariser (γ of the preset) does "
+                                         "not hurt: LoRA² k=8 matches or beats γ = 0"),
+    ("A2", "lora2-k8", "lora2-k8-noprune", "Pruning to the target rank does not hurt: LoRA² k=8 "
+                                          "matches or beats no pruning"),
+    ("A3", "lora2-k8-paperinit", "lora2-k8", "The paper's N(0, 0.02²) init matches this "
+                                            "project's orthogonal init (the default here)"),
 ]
 
 
@@ -897,7 +967,8 @@ HAND_START, HAND_END = "<!-- hand-written: start -->", "<!-- hand-written: end -
 
 
 def hand_written(path):
-    """The block between HAND_START and HAND_END of an existing report (kept when the report is rewritten)."""
+    """The block between HAND_START and HAND_END of an existing report (kept when the report is
+    rewritten)."""
     text = Path(path).read_text(encoding="utf-8") if Path(path).exists() else ""
     if HAND_START in text and HAND_END in text.split(HAND_START, 1)[1]:
         return HAND_START + text.split(HAND_START, 1)[1].split(HAND_END, 1)[0] + HAND_END
@@ -916,24 +987,28 @@ def schedule_note(plan, task, m):
     """How a task's runs relate to the paper's schedule, from a finished run's metrics.json."""
     e_paper, steps, n = paper(task, "epochs"), m["steps"], m["train_size"]
     epochs = plan.epochs.get(task, e_paper)
-    what = f"the paper's {e_paper} epochs" if epochs == e_paper else f"{epochs:g} of the paper's {e_paper} epochs"
+    what = (f"the paper's {e_paper} epochs" if epochs == e_paper
+            else f"{epochs:g} of the paper's {e_paper} epochs")
     if m.get("non_standard_split"):
         return (f"{what} over a {n:,}-example split of dev.tsv = {steps:,} steps (the paper's T is "
-                f"{paper_steps(task):,} steps over {glue.TASKS[task].train_size:,} examples; NON-STANDARD split, not "
-                "comparable to published numbers; mask interval scaled with T)")
+                f"{paper_steps(task):,} steps over {glue.TASKS[task].train_size:,} examples; "
+                "NON-STANDARD split, not comparable to published numbers; mask interval scaled "
+                "with T)")
     if epochs != e_paper:
-        return (f"CAPPED at {what} = {steps:,} of {paper_steps(task):,} steps (warm-up, t_i and t_f the preset's "
-                "fractions of T; mask interval scaled with T)")
+        return (f"CAPPED at {what} = {steps:,} of {paper_steps(task):,} steps (warm-up, t_i and "
+                "t_f the preset's fractions of T; mask interval scaled with T)")
     return f"{what} = {steps:,} steps"
 
 
-OLD_ORDER = ("full", "lora-r8", "lora-r1", "adalora-b8", "adalora-b2", "lora2-k8", "lora2-k1", "lora2-k8-gamma0",
-             "lora2-k8-cross", "lora2-k8-scoredall", "lora2-k8-noprune", "lora2-k8-paperinit")
+OLD_ORDER = ("full", "lora-r8", "lora-r1", "adalora-b8", "adalora-b2", "lora2-k8", "lora2-k1",
+             "lora2-k8-gamma0", "lora2-k8-cross", "lora2-k8-scoredall", "lora2-k8-noprune",
+             "lora2-k8-paperinit")
 
 
 def appendix(old_dir):
-    """Lines of the short-budget appendix: the 200-step study of issue 6, read from its metrics.json files (its grid
-    runs: per configuration the learning rate its sweep chose, i.e. the one with runs on every task and seed)."""
+    """Lines of the short-budget appendix: the 200-step study of issue 6, read from its metrics.json
+    files (its grid runs: per configuration the learning rate its sweep chose, i.e. the one with
+    runs on every task and seed)."""
     by = {}  # config -> lr -> task -> [scores]
     for path in sorted(Path(old_dir).glob("*/metrics.json")):
         found = re.match(r"^(cola|sst2|rte|qnli)-(.+)-lr([^-]+)-s\d+$", path.parent.name)
@@ -945,15 +1020,19 @@ def appendix(old_dir):
         return []
     tasks = ("cola", "sst2", "rte", "qnli")
     L = ["## Appendix: the 200-step study (short budget)", "",
-         "The study this one replaces (issue 6): every method 200 optimiser steps of batch 32 (0.75–2.6 epochs; "
-         "20–250× shorter than the paper's schedules), max length 128, one lr per method family from a 4-point sweep "
-         "on SST-2, the metric of the final step, a subset of 8,000 SST-2 examples, QNLI on a 70/30 split of dev.tsv. "
-         f"Median [min–max] over 3 seeds × 100, from `{rel(old_dir)}/*/metrics.json`. At this budget no method "
-         "learned CoLA (MCC 0) or RTE (around the 52.7 % majority class): its verdicts were verdicts on under-trained "
-         "models.", "", "| configuration | lr | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
-    for conf in sorted(by, key=lambda c: (OLD_ORDER.index(c) if c in OLD_ORDER else len(OLD_ORDER), c)):
+         "The study this one replaces (issue 6): every method 200 optimiser steps of batch 32 "
+         "(0.75–2.6 epochs; 20–250× shorter than the paper's schedules), max length 128, one lr "
+         "per method family from a 4-point sweep on SST-2, the metric of the final step, a subset "
+         "of 8,000 SST-2 examples, QNLI on a 70/30 split of dev.tsv. Median [min–max] over 3 seeds "
+         f"× 100, from `{rel(old_dir)}/*/metrics.json`. At this budget no method learned CoLA "
+         "(MCC 0) or RTE (around the 52.7 % majority class): its verdicts were verdicts on "
+         "under-trained models.", "", "| configuration | lr | " + " | ".join(tasks) + " |",
+         "|---|---|" + "---|" * len(tasks)]
+    for conf in sorted(by, key=lambda c: (OLD_ORDER.index(c) if c in OLD_ORDER
+                                          else len(OLD_ORDER), c)):
         lr, per_task = max(by[conf].items(), key=lambda kv: sum(len(v) for v in kv[1].values()))
-        L.append(f"| {conf} | {lr} | " + " | ".join(span(per_task[t]) if t in per_task else "—" for t in tasks) + " |")
+        L.append(f"| {conf} | {lr} | " + " | ".join(span(per_task[t]) if t in per_task else "—"
+                                                    for t in tasks) + " |")
     return L + [""]
 
 
@@ -1070,8 +1149,10 @@ def progress_lines(st, h):
             rec = read_json(st.out / r.id / "study_run.json") or {}
             if r.part == i and rec.get("window_s"):
                 lo, hi = windows.get(rec.get("session"), (math.inf, 0))
-                windows[rec.get("session")] = (min(lo, rec["window_s"][0]), max(hi, rec["window_s"][1]))
-        when = "; ".join(f"{k}: {fmt_time(lo)} – {fmt_time(hi)}" for k, (lo, hi) in sorted(windows.items()))
+                windows[rec.get("session")] = (min(lo, rec["window_s"][0]),
+                                               max(hi, rec["window_s"][1]))
+        when = "; ".join(f"{k}: {fmt_time(lo)} – {fmt_time(hi)}"
+                         for k, (lo, hi) in sorted(windows.items()))
         L.append(f"| {i + 1}. {part.name} | {len(done)} | {sum(1 for r in st.runs if r.part == i)} "
                  f"| {', '.join(f'{s:,}' for s in steps) or '—'} | "
                  f"{fmt_time(sum(m['wall_s'] for m in done))} | {when or '—'} |")
@@ -1296,9 +1377,10 @@ def every_lines(st, h):
          "session |", "|---|---|---|---|---|---|---|"]
     for run, m in st.every:
         rec = read_json(st.out / run.id / "study_run.json") or {}
-        kept = "—" if run.config.arg("method") in ("full", "lora") else m.get("kept_singular_values", "")
-        L.append(f"| `{run.id}` | {pct(m['main_metric'])} | {m['best_step']:,} | {m['steps']:,} | {kept} | "
-                 f"{fmt_time(m['wall_s'])} | {rec.get('session', '?')} |")
+        kept = ("—" if run.config.arg("method") in ("full", "lora")
+                else m.get("kept_singular_values", ""))
+        L.append(f"| `{run.id}` | {pct(m['main_metric'])} | {m['best_step']:,} | {m['steps']:,} | "
+                 f"{kept} | {fmt_time(m['wall_s'])} | {rec.get('session', '?')} |")
     return L + [""]
 
 
@@ -1357,40 +1439,48 @@ def base_lines(st, png):
 
 
 def code_commit(code, before=None):
-    """The newest commit (short hash) before `before` (a session's start) whose files have the sha256 prefixes the
-    session recorded in "code" ({file name: prefix}); None if no commit does or there is no git history."""
-    paths = {name: f"experiments/{name}" if name in ("study.py", "baselines.py") else name for name in code}
+    """The newest commit (short hash) before `before` (a session's start) whose files have the
+    sha256 prefixes the session recorded in "code" ({file name: prefix}); None if no commit does or
+    there is no git history."""
+    paths = {name: f"experiments/{name}" if name in ("study.py", "baselines.py") else name
+             for name in code}
     try:
-        revs = subprocess.run(["git", "rev-list", "HEAD"] + ([f"--before={before}"] if before else []), cwd=ROOT,
+        revs = subprocess.run(["git", "rev-list", "HEAD"]
+                              + ([f"--before={before}"] if before else []), cwd=ROOT,
                               capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
     for rev in revs.stdout.split():
-        if all(hashlib.sha256(subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True).stdout)
+        if all(hashlib.sha256(subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT,
+                                             capture_output=True).stdout)
                .hexdigest()[:12] == code[name] for name, path in paths.items()):
             return rev[:7]
     return None
 
 
 def deviations(plan):
-    lines = ["One small backbone (the packaged all-MiniLM-L6-v2: 6 layers, width 384, 22.7M parameters) instead of "
-             "DeBERTaV3-base (184M): absolute scores are far below the paper's; the claims are relative.",
-             f"The score is the best of {plan.evals} dev evaluations per run (the authors' trainer also evaluates "
-             "periodically and keeps the best); for LoRA² and AdaLoRA only those of the final phase count.",
-             "Three seeds (0, 1, 2) per configuration, the same for every method, instead of the paper's one seed "
-             "per task (6; RTE 4)."]
+    lines = ["One small backbone (the packaged all-MiniLM-L6-v2: 6 layers, width 384, 22.7M "
+             "parameters) instead of DeBERTaV3-base (184M): absolute scores are far below the "
+             "paper's; the claims are relative.",
+             f"The score is the best of {plan.evals} dev evaluations per run (the authors' trainer "
+             "also evaluates periodically and keeps the best); for LoRA² and AdaLoRA only those of "
+             "the final phase count.",
+             "Three seeds (0, 1, 2) per configuration, the same for every method, instead of the "
+             "paper's one seed per task (6; RTE 4)."]
     for task, flags in plan.tasks.items():
         if "dev_split" in flags:
             lines.append(f"{task}: no train.tsv in this copy of GLUE: train and eval are a fixed "
-                         f"{1 - flags['dev_split']:.0%}/{flags['dev_split']:.0%} split of dev.tsv (non-standard); "
-                         "the paper's epochs over it give far fewer steps than the paper's T, and the mask interval "
-                         "shrinks in proportion.")
+                         f"{1 - flags['dev_split']:.0%}/{flags['dev_split']:.0%} split of dev.tsv "
+                         "(non-standard); the paper's epochs over it give far fewer steps than the "
+                         "paper's T, and the mask interval shrinks in proportion.")
     for task, e in plan.epochs.items():
-        if task in plan.tasks and e != paper(task, "epochs") and "dev_split" not in plan.tasks[task]:
-            lines.append(f"{task}: capped at {e:g} of the paper's {paper(task, 'epochs')} epochs to fit the device "
-                         "time (the longest that fitted): `--preset paper --epochs E` keeps warm-up, t_i and t_f the "
-                         "preset's fractions of T, and the study scales the mask interval with T (round(paper's "
-                         "interval × T / T_paper)), so the number of masking events stays the paper's.")
+        if task in plan.tasks and e != paper(task, "epochs") and \
+                "dev_split" not in plan.tasks[task]:
+            lines.append(f"{task}: capped at {e:g} of the paper's {paper(task, 'epochs')} epochs "
+                         "to fit the device time (the longest that fitted): `--preset paper "
+                         "--epochs E` keeps warm-up, t_i and t_f the preset's fractions of T, and "
+                         "the study scales the mask interval with T (round(paper's interval × T / "
+                         "T_paper)), so the number of masking events stays the paper's.")
     return lines
 
 
@@ -1409,7 +1499,8 @@ def model_info(model_dir):
         return {"path": str(path)}
     names = {v: k for k, v in formats.SAFETENSORS_DTYPES.items()}
     source = (read_json(path / "prepared_from.json") or {}).get("source")
-    return {"path": str(model_dir or path), "dtypes": sorted({names[t.dtype] for t in tensors.values()}),
+    return {"path": str(model_dir or path),
+            "dtypes": sorted({names[t.dtype] for t in tensors.values()}),
             **({"source": source} if source else {})}
 
 
@@ -1417,14 +1508,15 @@ def _packaged_model():
     return bert.default_model_dir(install=False)
 
 
-COLORS = {"lora2-k8": "tab:red", "lora2-k1": "salmon", "lora-r8": "tab:blue", "adalora": "tab:orange",
-          "full": "black"}
+COLORS = {"lora2-k8": "tab:red", "lora2-k1": "salmon", "lora-r8": "tab:blue",
+          "adalora": "tab:orange", "full": "black"}
 MARKERS = {"lora2": "D", "lora": "o", "adalora": "^", "full": "s"}
 
 
 def plot(plan, results, constants, png):
-    """Score (median, min–max over seeds) against trainable adapter parameters, log-x, one panel per task; ablations
-    grey, nudged right (LoRA r=8 slightly left) to be seen; the constant predictor dashed."""
+    """Score (median, min–max over seeds) against trainable adapter parameters, log-x, one panel per
+    task; ablations grey, nudged right (LoRA r=8 slightly left) to be seen; the constant predictor
+    dashed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1452,13 +1544,16 @@ def plot(plan, results, constants, png):
                 color, marker, nudge = "dimgrey", "v<>ph*"[j % 6], 1.09 ** (j + 1)
             else:
                 color, marker = COLORS.get(conf.name, "tab:green"), MARKERS[conf.arg("method")]
-                nudge = 0.92 if conf.name == "lora-r8" else 1.0   # beside LoRA² k=8, at almost the same budget
+                # beside LoRA² k=8, at almost the same budget
+                nudge = 0.92 if conf.name == "lora-r8" else 1.0
             x, med = ms[0]["adapter_params"] * nudge, np.median(v)
-            h = ax.errorbar([x], [med], yerr=[[med - v.min()], [v.max() - med]], fmt=marker, capsize=3, color=color,
-                            mfc=color if not conf.ablation else "white", ms=7, label=conf.label)
+            h = ax.errorbar([x], [med], yerr=[[med - v.min()], [v.max() - med]], fmt=marker,
+                            capsize=3, color=color, mfc=color if not conf.ablation else "white",
+                            ms=7, label=conf.label)
             handles.setdefault(conf.label, h)
         if constants.get(task) is not None:
-            h = ax.axhline(100 * constants[task], color="grey", ls="--", lw=0.8, label="constant predictor")
+            h = ax.axhline(100 * constants[task], color="grey", ls="--", lw=0.8,
+                           label="constant predictor")
             handles.setdefault("constant predictor", h)
         m = next(m for (t, _), ms in results.items() if t == task for m in ms)
         ax.set_xscale("log")
@@ -1471,7 +1566,8 @@ def plot(plan, results, constants, png):
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(tasks):]:
         ax.axis("off")
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=8,
+               frameon=False)
     fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(handles) / 4) / nrows, 1, 1))
     tmp = png.with_name(png.stem + ".tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -1480,7 +1576,7 @@ def plot(plan, results, constants, png):
     print(f"wrote {png}")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # main
 
 
@@ -1492,7 +1588,8 @@ def parse_epochs(text):
         try:
             out[task.strip()] = float(value)
         except ValueError:
-            raise SystemExit(f"study.py: error: --epochs wants TASK=EPOCHS[,...], got {text!r}") from None
+            raise SystemExit(f"study.py: error: --epochs wants TASK=EPOCHS[,...], "
+                             f"got {text!r}") from None
         if task.strip() not in PAPER or out[task.strip()] <= 0:
             raise SystemExit(f"study.py: error: --epochs {item!r}: unknown task or epochs <= 0")
     return out
@@ -1502,20 +1599,26 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument_group("what to do (default: run the plan)")
-    a.add_argument("--plan", action="store_true", help="print the runs in order with steps and estimates, then stop")
-    a.add_argument("--prepare", metavar="DIR", help="write an fp16 copy of --model and the tasks' GLUE files into DIR")
-    a.add_argument("--report_only", action="store_true", help="only rewrite RESULTS.md and the PNG from the JSONs")
-    a.add_argument("--unpack", nargs="+", metavar="FILE", help="restore what --pack bundled into --out, then stop")
-    a.add_argument("--pack", metavar="FILE", help="after running (or with --no_run: now), bundle the finished runs' "
-                   "files into FILE (.tar.gz) for the way back")
-    a.add_argument("--pack_states", type=float, default=0, metavar="MIB", help="with --pack: also bundle the "
-                   "train_state.pt of unfinished runs, up to MIB in all (files of at most 15 MiB beside FILE); they "
-                   "must travel back with the runs folder (carry experiments/runs/paper)")
+    a.add_argument("--plan", action="store_true", help="print the runs in order with steps and "
+                   "estimates, then stop")
+    a.add_argument("--prepare", metavar="DIR", help="write an fp16 copy of --model and the tasks' "
+                   "GLUE files into DIR")
+    a.add_argument("--report_only", action="store_true", help="only rewrite RESULTS.md and the PNG "
+                   "from the JSONs")
+    a.add_argument("--unpack", nargs="+", metavar="FILE", help="restore what --pack bundled into "
+                   "--out, then stop")
+    a.add_argument("--pack", metavar="FILE", help="after running (or with --no_run: now), bundle "
+                   "the finished runs' files into FILE (.tar.gz) for the way back")
+    a.add_argument("--pack_states", type=float, default=0, metavar="MIB", help="with --pack: also "
+                   "bundle the train_state.pt of unfinished runs, up to MIB in all (files of at "
+                   "most 15 MiB beside FILE); they must travel back with the runs folder (carry "
+                   "experiments/runs/paper)")
     a.add_argument("--no_run", action="store_true", help="do not run (with --pack / --wait)")
-    a.add_argument("--detach", action="store_true", help="run the study in a new process session (it survives the "
-                   "command that started it; its output goes to <out>/console.log), then --wait / --pack")
-    a.add_argument("--wait", type=float, default=0, metavar="S", help="wait up to S seconds for a detached study of "
-                   "--out to end (printing its progress), then --pack")
+    a.add_argument("--detach", action="store_true", help="run the study in a new process session "
+                   "(it survives the command that started it; its output goes to "
+                   "<out>/console.log), then --wait / --pack")
+    a.add_argument("--wait", type=float, default=0, metavar="S", help="wait up to S seconds for a "
+                   "detached study of --out to end (printing its progress), then --pack")
     w = p.add_argument_group("the plan")
     w.add_argument("--backbone", default="minilm", choices=tuple(BACKBONES),
                    help="minilm: the packaged MiniLM-L6 (bert.py); mpnet: the study at base size, "
@@ -1523,38 +1626,48 @@ def build_parser():
                         "experiments/mpnet.py prepare writes)")
     w.add_argument("--quick", action="store_true", help="a tiny plan for CI (CPU, seconds)")
     w.add_argument("--tasks", help="comma-separated subset of the plan's tasks")
-    w.add_argument("--parts", help="comma-separated part numbers to run (1-5; default all, in order)")
-    w.add_argument("--epochs", help="TASK=EPOCHS[,...]: train these tasks for fewer epochs than the paper "
-                   "(default: the caps recorded in <out>/study.json, else sst2=2)")
+    w.add_argument("--parts", help="comma-separated part numbers to run "
+                   "(1-5; default all, in order)")
+    w.add_argument("--epochs", help="TASK=EPOCHS[,...]: train these tasks for fewer epochs than "
+                   "the paper (default: the caps recorded in <out>/study.json, else sst2=2)")
     w.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
-    w.add_argument("--configs", help="comma-separated subset of the configurations (e.g. lora2-k8,lora-r8)")
+    w.add_argument("--configs", help="comma-separated subset of the configurations "
+                   "(e.g. lora2-k8,lora-r8)")
     r = p.add_argument_group("running")
-    r.add_argument("--model", help="BERT checkpoint folder for train_glue.py (default: its packaged MiniLM)")
+    r.add_argument("--model", help="BERT checkpoint folder for train_glue.py (default: its "
+                   "packaged MiniLM)")
     r.add_argument("--data_dir", help="GLUE folder (default: $GLUE_DIR, as train_glue.py)")
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    r.add_argument("--gpus", default="auto", help="spread the runs over this many GPUs (CUDA_VISIBLE_DEVICES per "
-                   "run, the least busy first); auto: every GPU torch sees")
-    r.add_argument("--jobs", default="auto", help="runs side by side in all (auto: 8 per GPU, else 1)")
+    r.add_argument("--gpus", default="auto", help="spread the runs over this many GPUs "
+                   "(CUDA_VISIBLE_DEVICES per run, the least busy first); auto: every GPU "
+                   "torch sees")
+    r.add_argument("--jobs", default="auto", help="runs side by side in all "
+                   "(auto: 8 per GPU, else 1)")
     r.add_argument("--task_jobs", help="TASK=N[,...]: at most N runs of TASK side by side "
                    "(GPU memory)")
-    r.add_argument("--time_limit", type=float, default=0, help="seconds; stop the runs still going at time_limit "
-                   "minus --reserve (they resume next time), start none estimated to end later (0: no limit)")
-    r.add_argument("--reserve", type=float, default=20, help="seconds kept free before --time_limit for stopping, "
-                   "packing and the report")
-    r.add_argument("--partial", action="store_true", help="with --time_limit: also start runs that will not finish "
-                   "(they checkpoint and resume next time: with --detach, or with --pack_states)")
-    r.add_argument("--step_s", type=float, default=None, help="prior seconds per step before any is measured "
-                   "(default on CUDA 0.08, with --compile 0.02; on CPU 0.5)")
-    r.add_argument("--startup_s", type=float, default=40, help="prior seconds a run spends outside its steps")
+    r.add_argument("--time_limit", type=float, default=0, help="seconds; stop the runs still going "
+                   "at time_limit minus --reserve (they resume next time), start none estimated to "
+                   "end later (0: no limit)")
+    r.add_argument("--reserve", type=float, default=20, help="seconds kept free before "
+                   "--time_limit for stopping, packing and the report")
+    r.add_argument("--partial", action="store_true", help="with --time_limit: also start runs that "
+                   "will not finish (they checkpoint and resume next time: with --detach, or with "
+                   "--pack_states)")
+    r.add_argument("--step_s", type=float, default=None, help="prior seconds per step before any "
+                   "is measured (default on CUDA 0.08, with --compile 0.02; on CPU 0.5)")
+    r.add_argument("--startup_s", type=float, default=40, help="prior seconds a run spends outside "
+                   "its steps")
     r.add_argument("--compile", action="store_true", help="forward --compile to train_glue.py")
-    r.add_argument("--train_args", help="more train_glue.py flags for every run, e.g. '--pooling cls' (recorded)")
+    r.add_argument("--train_args", help="more train_glue.py flags for every run, "
+                   "e.g. '--pooling cls' (recorded)")
     r.add_argument("--progress", type=float, default=60, help="seconds between progress lines")
     o = p.add_argument_group("output")
     o.add_argument("--out", help="runs folder (default experiments/runs/paper, --backbone mpnet: "
                    "experiments/runs/mpnet; --quick: experiments/runs/paper-quick)")
     o.add_argument("--base_out", help="the base-size study's runs folder that the report reads "
                    "(default experiments/runs/mpnet)")
-    o.add_argument("--results", help="report path (default experiments/RESULTS.md; --quick: <out>/RESULTS.md)")
+    o.add_argument("--results", help="report path (default experiments/RESULTS.md; --quick: "
+                   "<out>/RESULTS.md)")
     o.add_argument("--png", help="figure path (default results.png next to the report)")
     o.add_argument("--no_report", action="store_true", help="do not write the report after running")
     return p
@@ -1576,7 +1689,8 @@ def main(argv=None):
     if args.tasks:
         unknown = set(args.tasks.split(",")) - set(plan.tasks)
         if unknown:
-            raise SystemExit(f"study.py: error: --tasks {sorted(unknown)} not in the plan's {sorted(plan.tasks)}")
+            raise SystemExit(f"study.py: error: --tasks {sorted(unknown)} not in the plan's "
+                             f"{sorted(plan.tasks)}")
         plan.tasks = {t: f for t, f in plan.tasks.items() if t in args.tasks.split(",")}
     if args.seeds:
         plan.seeds = [int(s) for s in args.seeds.split(",")]
@@ -1587,7 +1701,8 @@ def main(argv=None):
                              f"{[c.name for c in plan.configs]}")
         plan.configs = [c for c in plan.configs if c.name in args.configs.split(",")]
     parts = [int(x) for x in args.parts.split(",")] if args.parts else None
-    results_md = Path(args.results) if args.results else (out / "RESULTS.md" if args.quick else HERE / "RESULTS.md")
+    results_md = Path(args.results) if args.results else (out / "RESULTS.md" if args.quick
+                                                          else HERE / "RESULTS.md")
     png = Path(args.png) if args.png else results_md.with_name("results.png")
     data_dir = args.data_dir or os.environ.get("GLUE_DIR") or "glue_data"
     args.task_jobs = parse_task_jobs(args.task_jobs)
@@ -1624,10 +1739,12 @@ def main(argv=None):
         child = [a for a in argv if a not in ("--detach",)]
         child = strip_option(strip_option(strip_option(child, "--pack"), "--wait"), "--pack_states")
         with open(out / "console.log", "a") as log:
-            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *child], stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                    cwd=os.getcwd(), env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        print(f"started the study in the background (pid {proc.pid}, output in {out / 'console.log'})", flush=True)
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *child],
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=os.getcwd(),
+                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        print(f"started the study in the background (pid {proc.pid}, output in "
+              f"{out / 'console.log'})", flush=True)
         if args.wait:
             wait_for(out, args.wait, args.progress, proc)
         if args.pack:
@@ -1693,7 +1810,8 @@ def strip_option(argv, name):
 
 
 def wait_for(out, seconds, every, proc=None):
-    """Wait until the study running on `out` ends (proc, or the pid in <out>/study.pid), at most `seconds`."""
+    """Wait until the study running on `out` ends (proc, or the pid in <out>/study.pid), at most
+    `seconds`."""
     end, last = time.time() + seconds, 0.0
     pid_file = out / "study.pid"
     while time.time() < end:
@@ -1710,14 +1828,16 @@ def wait_for(out, seconds, every, proc=None):
         if time.time() - last >= every:
             last = time.time()
             lines = read_tail(out / "console.log", 3000).strip().splitlines()
-            print(f"[wait {fmt_time(time.time() - end + seconds)}] " + (lines[-1] if lines else ""), flush=True)
+            print(f"[wait {fmt_time(time.time() - end + seconds)}] " + (lines[-1] if lines else ""),
+                  flush=True)
         time.sleep(min(2.0, max(0.1, end - time.time())))
     lines = read_tail(out / "console.log", 6000).strip().splitlines()
     print("\n".join(lines[-15:]), flush=True)
 
 
 def print_plan(plan, runs, data_dir, out, args):
-    """The plan as a table: run-id, part, steps, status, and an estimate at --step_s with --jobs side by side."""
+    """The plan as a table: run-id, part, steps, status, and an estimate at --step_s with --jobs
+    side by side."""
     try:
         sizes = train_sizes(plan, data_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -1729,17 +1849,21 @@ def print_plan(plan, runs, data_dir, out, args):
         steps = run.steps(sizes[run.task], plan.batch)
         est = speeds.estimate(run, steps)
         done = result_of(out, run) is not None
-        print(f"{run.id:<40} {run.part + 1:>4} {steps:>7,} {fmt_time(est):>7}  {'done' if done else ''}")
+        print(f"{run.id:<40} {run.part + 1:>4} {steps:>7,} {fmt_time(est):>7}  "
+              f"{'done' if done else ''}")
         if not done:
             total += est
             by_part.setdefault(run.part, [0, 0, 0.0])
             by_part[run.part][0] += 1
             by_part[run.part][1] += steps
             by_part[run.part][2] += est
-    print(f"\nat {args.step_s} s/step and {args.startup_s:.0f} s start-up per run, {args.jobs} side by side:")
+    print(f"\nat {args.step_s} s/step and {args.startup_s:.0f} s start-up per run, "
+          f"{args.jobs} side by side:")
     for i, (n, steps, est) in sorted(by_part.items()):
-        print(f"  part {i + 1} ({plan.parts[i].name}): {n} runs, {steps:,} steps, ~{fmt_time(est / args.jobs)}")
-    print(f"  all: ~{fmt_time(total / max(1, args.jobs))} (the sum / jobs; the longest run bounds it from below)")
+        print(f"  part {i + 1} ({plan.parts[i].name}): {n} runs, {steps:,} steps, "
+              f"~{fmt_time(est / args.jobs)}")
+    print(f"  all: ~{fmt_time(total / max(1, args.jobs))} (the sum / jobs; the longest run "
+          "bounds it from below)")
     return 0
 
 
@@ -1756,19 +1880,19 @@ def run_study(plan, runs, args, argv, out, data_dir, results_md, png, whole):
     check_finished(plan, out, runs, sizes)
     state = read_json(out / "study.json") or {}
     session = {"command": "python experiments/study.py " + " ".join(argv),
-               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)), "hardware": hardware(),
-               "jobs": args.jobs, "gpus": args.gpus}
+               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
+               "hardware": hardware(), "jobs": args.jobs, "gpus": args.gpus}
     session["code"] = {path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-                       for path in (HERE / "study.py", HERE / "baselines.py", *(ROOT / f"{name}.py" for name in
-                                    CODE)) if path.exists()}
+                       for path in (HERE / "study.py", HERE / "baselines.py",
+                                    *(ROOT / f"{name}.py" for name in CODE)) if path.exists()}
     state.setdefault("sessions", []).append(session)
     index = len(state["sessions"]) - 1
     state["backbone"] = plan.backbone.name
     state["model"] = model_info(args.model)
     state["train_sizes"] = sizes
     if state.get("epochs", plan.epochs) != plan.epochs:
-        print(f"note: the study in {out} recorded the caps {state['epochs']}; this session's are {plan.epochs}",
-              flush=True)
+        print(f"note: the study in {out} recorded the caps {state['epochs']}; this session's are "
+              f"{plan.epochs}", flush=True)
     state["epochs"] = plan.epochs
     state["constant_scores"] = constant_scores(plan, data_dir)
 
