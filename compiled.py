@@ -78,8 +78,7 @@ def compile_blocks(model, backend):
     """torch.compile, in place, of the blocks of the model's longest nn.ModuleList (else the whole
     model). The blocks' input is made to require a gradient when autograd is on (it does not after
     frozen embeddings): then the first block takes the same compiled graph as the others, one
-    compilation fewer, for one more product in
-    its backward."""
+    compilation fewer, for one more product in its backward."""
     if backend == "none":
         return
     fx_config.use_duck_shape = False  # batch 32 × 32 tokens: two sizes (else one, then a recompile)

@@ -15,17 +15,9 @@ import lora2
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 from experiments import bench, bench_llm  # noqa: E402
+from test_interop import one_thread  # noqa: E402,F401 (a fixture: tiny models, one thread)
 
 TINY = bench_llm.SHAPES["tiny"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; more only contend for the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_smoke_run_writes_every_variant_and_round(tmp_path, capsys):
